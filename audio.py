@@ -1,0 +1,121 @@
+"""Speech in: any file FFmpeg reads → mono float32 → the 80-band mel spectrogram Wav2Lip was trained on.
+
+The spectrogram reproduces the original (librosa 0.7) to float32 round-off on today's libraries. Three
+facts keep it so: the STFT pads with `reflect` (librosa ≥ 0.10 pads with zeros and changes the first and
+last two columns), it is stored as complex64, and the dB conversion runs in float32 (numpy 2 would promote
+it to float64). The mel filterbank is Slaney-normalised, as it always was.
+
+One known difference: input that is not already at 16 kHz is resampled with today's resampler (soxr_hq),
+not resampy's `kaiser_best` of librosa 0.7; the mel then differs by ~0.005 on average (max 0.6).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import av
+import librosa
+import numpy as np
+from scipy import signal
+
+from errors import UserError
+from hparams import HParams, hparams
+
+MEL_STEP_SIZE = 16  # mel columns per generator/expert window: 16 × 12.5 ms = 0.2 s = 5 frames at 25 fps
+MEL_COLUMNS_PER_SECOND = 80  # sample_rate / hop_size = 16000 / 200
+
+
+def load_wav(path: str | os.PathLike, sr: int) -> np.ndarray:
+    """Decode the first audio stream of any container (judged by content) to mono float32 at `sr`.
+
+    Channels are averaged and samples scaled as libsndfile does (int16 / 32768), as librosa.load did.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: audio file not found")
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise UserError(f"{path}: has no audio stream")
+            stream = container.streams.audio[0]
+            native_rate = stream.codec_context.sample_rate or stream.rate
+            to_float = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=native_rate)
+            planes = [
+                converted.to_ndarray() for frame in container.decode(stream) for converted in to_float.resample(frame)
+            ]
+            planes += [converted.to_ndarray() for converted in to_float.resample(None)]
+    except UserError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot be decoded as audio ({e})") from None
+    if not planes or sum(p.shape[1] for p in planes) == 0:
+        raise UserError(f"{path}: the audio stream is empty (zero samples)")
+    wav = np.concatenate(planes, axis=1).astype(np.float32, copy=False).mean(axis=0)
+    if native_rate != sr:
+        wav = librosa.resample(wav, orig_sr=native_rate, target_sr=sr, res_type="soxr_hq")
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def save_wav(wav: np.ndarray, path: str | os.PathLike, sr: int) -> None:
+    """Write mono 16-bit PCM, clipping (not rescaling) samples outside [-1, 1]."""
+    from scipy.io import wavfile
+
+    pcm = np.clip(np.round(wav * 32767.0), -32768, 32767).astype(np.int16)
+    wavfile.write(os.fspath(path), sr, pcm)
+
+
+def preemphasis(wav: np.ndarray, k: float) -> np.ndarray:
+    return signal.lfilter([1, -k], [1], wav)
+
+
+@functools.lru_cache(maxsize=4)
+def mel_basis(sample_rate: int, n_fft: int, num_mels: int, fmin: int, fmax: int) -> np.ndarray:
+    assert fmax <= sample_rate // 2
+    return librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=num_mels, fmin=fmin, fmax=fmax)
+
+
+def melspectrogram(wav: np.ndarray, hp: HParams = hparams) -> np.ndarray:
+    """(n_samples,) float → (num_mels, 1 + n_samples // hop) float32, normalised to [-4, 4]."""
+    y = preemphasis(wav, hp.preemphasis) if hp.preemphasize else wav
+    spec = librosa.stft(
+        y=y, n_fft=hp.n_fft, hop_length=hp.hop_length(), win_length=hp.win_size, pad_mode="reflect",
+        dtype=np.complex64,
+    )  # fmt: skip
+    mel = np.dot(mel_basis(hp.sample_rate, hp.n_fft, hp.num_mels, hp.fmin, hp.fmax), np.abs(spec))
+    db = _amp_to_db(mel, hp) - hp.ref_level_db
+    return _normalize(db, hp) if hp.signal_normalization else db
+
+
+def _amp_to_db(x: np.ndarray, hp: HParams) -> np.ndarray:
+    min_level = np.asarray(np.exp(hp.min_level_db / 20 * np.log(10)), dtype=x.dtype)
+    return 20 * np.log10(np.maximum(min_level, x))
+
+
+def _normalize(S: np.ndarray, hp: HParams) -> np.ndarray:
+    scaled = (2 * hp.max_abs_value) * ((S - hp.min_level_db) / (-hp.min_level_db))
+    if hp.symmetric_mels:
+        scaled = scaled - hp.max_abs_value
+        low = -hp.max_abs_value
+    else:
+        scaled = scaled / 2
+        low = 0
+    return np.clip(scaled, low, hp.max_abs_value) if hp.allow_clipping_in_normalization else scaled
+
+
+def mel_chunk_starts(n_columns: int, fps: float) -> list[int]:
+    """Start column of each video frame's 16-column window, as inference.py computed them.
+
+    Frame i starts at int(i * 80 / fps); once a window would run past the end, one last window is taken
+    flush with the end and the list stops, so it sets how many frames the output has.
+    """
+    if n_columns < MEL_STEP_SIZE:
+        raise UserError(f"the audio is too short: {n_columns} mel columns, at least {MEL_STEP_SIZE} (0.2 s) are needed")
+    step = MEL_COLUMNS_PER_SECOND / fps
+    starts = []
+    i = 0
+    while (start := int(i * step)) + MEL_STEP_SIZE <= n_columns:
+        starts.append(start)
+        i += 1
+    starts.append(n_columns - MEL_STEP_SIZE)
+    return starts

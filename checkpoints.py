@@ -1,0 +1,189 @@
+"""Reading and writing every weight file of the project, official or ours, with errors that say the fix.
+
+Containers (read the README's "Checkpoints" section):
+- training checkpoints, `{"state_dict", "optimizer", "global_step", "global_epoch"}` (+ our extra keys),
+  for Wav2Lip, SyncNet_color and Wav2Lip_disc_qual; keys may carry DataParallel's `module.`;
+- raw state dicts: S3FD's `s3fd.pth` and syncnet_python's `syncnet_v2.model`.
+
+A file is recognised by its keys, so handing one model's file to another fails with a sentence naming
+both, not with a 300-line `load_state_dict` report. Checkpoints are written atomically: killing the
+process at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from errors import UserError
+
+REPO = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a weight file holds, told apart by one key only that network has."""
+
+    name: str
+    marker: str
+    files: str  # the official file names
+    home: str  # where the user puts them
+    source: str  # where the README says to get them
+
+
+ARCHS = {
+    a.name: a
+    for a in [
+        Arch("Wav2Lip", "face_decoder_blocks.0.0.conv_block.0.weight", "wav2lip.pth / wav2lip_gan.pth",
+             "checkpoints/", "README.md, section 'Checkpoints'"),
+        Arch("SyncNet_color", "face_encoder.0.conv_block.0.weight", "lipsync_expert.pth",
+             "checkpoints/", "README.md, section 'Checkpoints'"),
+        Arch("Wav2Lip_disc_qual", "binary_pred.0.weight", "visual_quality_disc.pth",
+             "checkpoints/", "README.md, section 'Checkpoints'"),
+        Arch("s3fd", "fc7.weight", "s3fd.pth",
+             "face_detection/detection/sfd/", "README.md, section 'Checkpoints'"),
+        Arch("syncnet_python_S", "netcnnaud.0.weight", "syncnet_v2.model",
+             "evaluation/", "evaluation/README.md"),
+    ]
+}  # fmt: skip
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DataParallel's `module.` wherever it stands in a key, as every original loader did."""
+    return {k.replace("module.", ""): v for k, v in state_dict.items()}
+
+
+def identify(state_dict: Mapping[str, object]) -> str | None:
+    """The architecture whose marker key the state dict holds, or None."""
+    keys = set(strip_module_prefix(state_dict))
+    return next((a.name for a in ARCHS.values() if a.marker in keys), None)
+
+
+def missing_file_message(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path") -> str:
+    a = ARCHS[arch]
+    return (
+        f"{path}: file not found. It should hold {arch} weights ({a.files}): put the file in {a.home} "
+        f"or pass its path with {flag}; {a.source} says where to download it"
+    )
+
+
+def read_file(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path") -> object:
+    """torch.load a weight file onto the CPU, safely (`weights_only`) where the container allows it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing_file_message(path, arch, flag))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e):
+            raise UserError(_damaged(path, arch, e)) from None
+    except Exception as e:  # noqa: BLE001 - torch reports damage as any of a dozen exception types
+        raise UserError(_damaged(path, arch, e)) from None
+    print(
+        f"warning: {path} holds Python objects besides tensors, so it cannot be read with weights_only=True; "
+        "reading it with full unpickling (only do this for files you trust)",
+        file=sys.stderr,
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(_damaged(path, arch, e)) from None
+
+
+def _damaged(path: Path, arch: str, e: BaseException) -> str:
+    return (
+        f"{path}: cannot be read as a PyTorch checkpoint, probably truncated or damaged "
+        f"({_first_line(e)}); download {ARCHS[arch].files} again"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights of a training container or of a raw state dict, with `module.` removed."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()) or not obj:
+        raise UserError(f"{path}: holds no state dict (expected a dict of tensors, or one under 'state_dict')")
+    return strip_module_prefix(obj)
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path", strict: bool = True
+) -> dict:
+    """Load `path` into `model` (of architecture `arch`); returns the whole container for resuming.
+
+    Raises a one-line `UserError` for a missing, damaged or wrong-model file.
+    """
+    obj = read_file(path, arch, flag)
+    state_dict = state_dict_of(obj, path)
+    found = identify(state_dict)
+    if found != arch:
+        what = f"a {found} checkpoint" if found else "not a checkpoint of any model of this project"
+        raise UserError(f"{path}: this is {what}; {flag} expects {arch} ({ARCHS[arch].files})")
+    try:
+        model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        raise UserError(f"{path}: {arch} weights that do not fit the model ({_first_line(e)})") from None
+    return obj if isinstance(obj, dict) and "state_dict" in obj else {"state_dict": state_dict}
+
+
+def load_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    arch: str,
+    device: torch.device | str = "cpu",
+    flag: str = "--checkpoint_path",
+) -> nn.Module:
+    """`model` with the weights of `path`, on `device`, in eval mode: what inference and evaluation need."""
+    load_weights(model, path, arch, flag)
+    return model.to(device).eval()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    global_step: int,
+    global_epoch: int,
+    **extra: object,
+) -> None:
+    """Write the original container (+ `extra` keys such as hparams) atomically.
+
+    Models wrapped in DDP are saved without their `module.` prefix, so the original code reads ours.
+    """
+    model = getattr(model, "module", model)
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "global_step": global_step,
+        "global_epoch": global_epoch,
+        **extra,
+    }
+    atomic_save(checkpoint, path)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,111 @@
+"""Deterministic weights and formula inputs of the golden vectors (tests/data/golden/README).
+
+The goldens were computed by the original code with weights that depend only on each state-dict key and
+shape, so our modules can be checked against them without any pretrained file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parent / "data"
+GOLDEN = DATA / "golden"
+SPEC = DATA / "spec"
+
+GAINS = {"Wav2Lip": 4.0, "SyncNet_color": 4.0, "syncnet_python_S": 4.0, "Wav2Lip_disc_qual": 6.0, "s3fd": 3.0}
+
+_GOLDEN_RATIO = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def load_golden(name: str) -> dict:
+    return json.loads((GOLDEN / f"{name}.json").read_text())
+
+
+def load_spec(name: str) -> list[tuple[str, list[int], str]]:
+    return [tuple(e) for e in json.loads((SPEC / f"{name}.json").read_text())["entries"]]
+
+
+def uniform(key: str, n: int) -> np.ndarray:
+    """SplitMix64 seeded with crc32(key): n floats in [-1, 1), exact in float64."""
+    seed = np.uint64(zlib.crc32(key.encode("utf-8")))
+    i = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = seed + i * _GOLDEN_RATIO
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    f = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return 2.0 * f - 1.0
+
+
+def det_value(key: str, shape: list[int], gain: float) -> torch.Tensor:
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=torch.int64)
+    n = int(np.prod(shape)) if shape else 1
+    u = uniform(key, n)
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "running_mean":
+        v = 0.05 * u
+    elif leaf == "running_var":
+        v = 1.0 + 0.5 * np.abs(u)
+    elif len(shape) >= 2:
+        v = u * math.sqrt(gain / int(np.prod(shape[1:])))
+    elif leaf == "bias":
+        v = 0.05 * u
+    elif key.endswith("_norm.weight"):
+        v = 8.0 * (1.0 + 0.1 * u)
+    else:
+        v = 1.0 + 0.1 * u
+    return torch.from_numpy(v.astype(np.float32).reshape(shape))
+
+
+def det_state_dict(arch: str) -> OrderedDict[str, torch.Tensor]:
+    """The deterministic state dict of `arch` (a name of tests/data/spec), in spec order."""
+    gain = GAINS[arch]
+    return OrderedDict((k, det_value(k, s, gain)) for k, s, _ in load_spec(arch))
+
+
+def formula(shape: list[int], off: float, amp: float, freq: float, phase: float) -> torch.Tensor:
+    i = np.arange(int(np.prod(shape)), dtype=np.float64)
+    x = off + amp * np.sin(freq * i + phase)
+    return torch.from_numpy(x.astype(np.float32).reshape(shape))
+
+
+def formula_input(spec: dict) -> torch.Tensor:
+    """A golden's recorded input (`shape`, `off`, `amp`, `freq`, `phase`) rebuilt as a tensor."""
+    return formula(spec["shape"], spec["off"], spec["amp"], spec["freq"], spec["phase"])
+
+
+def assert_stats(actual, stats: dict, rtol: float = 1e-4, atol: float = 1e-5) -> float:
+    """Compare a tensor against a golden `stats` record; returns the max |deviation| seen."""
+    a = np.asarray(actual.detach().cpu() if isinstance(actual, torch.Tensor) else actual)
+    assert list(a.shape) == list(stats["shape"]), (a.shape, stats["shape"])
+    flat = a.reshape(-1).astype(np.float64)
+    n = flat.size
+    worst = 0.0
+
+    def check(got: np.ndarray, want, what: str) -> None:
+        nonlocal worst
+        want = np.asarray(want, dtype=np.float64)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+        worst = max(worst, float(np.max(np.abs(got - want))) if want.size else 0.0)
+
+    check(flat[:16], stats["first16"][: min(16, n)], "first16")
+    idx = [int(k) for k in stats["at_flat_index"]]
+    check(flat[idx], list(stats["at_flat_index"].values()), "at_flat_index")
+    if "sample" in stats:
+        stride = stats["sample_stride"]
+        check(flat[::stride][: len(stats["sample"])], stats["sample"], "sample")
+    check(np.array([flat.mean(), flat.min(), flat.max()]), [stats["mean"], stats["min"], stats["max"]], "moments")
+    np.testing.assert_allclose(flat.std(), stats["std"], rtol=max(rtol, 1e-4), atol=atol, err_msg="std")
+    np.testing.assert_allclose(flat.sum(), stats["sum"], rtol=max(rtol, 1e-4), atol=max(atol, 1e-3 * math.sqrt(n)))
+    return worst

@@ -1,0 +1,46 @@
+"""Every original hyperparameter keeps its name and default; --hparams overrides are typed and checked."""
+
+import pytest
+
+from errors import UserError
+from hparams import HParams, hparams
+
+ORIGINAL = dict(
+    num_mels=80, rescale=True, rescaling_max=0.9, use_lws=False, n_fft=800, hop_size=200, win_size=800,
+    sample_rate=16000, frame_shift_ms=None, signal_normalization=True, allow_clipping_in_normalization=True,
+    symmetric_mels=True, max_abs_value=4.0, preemphasize=True, preemphasis=0.97, min_level_db=-100,
+    ref_level_db=20, fmin=55, fmax=7600, img_size=96, fps=25, batch_size=16, initial_learning_rate=1e-4,
+    nepochs=200000000000000000, num_workers=16, checkpoint_interval=3000, eval_interval=3000,
+    save_optimizer_state=True, syncnet_wt=0.0, syncnet_batch_size=64, syncnet_lr=1e-4,
+    syncnet_eval_interval=10000, syncnet_checkpoint_interval=10000, disc_wt=0.07, disc_initial_learning_rate=1e-4,
+)  # fmt: skip
+
+
+def test_original_names_and_defaults():
+    assert hparams.values() == ORIGINAL
+
+
+def test_overrides_are_typed():
+    hp = hparams.parse("batch_size=8, syncnet_wt=0.03,preemphasize=false,frame_shift_ms=12.5")
+    assert (hp.batch_size, hp.syncnet_wt, hp.preemphasize, hp.frame_shift_ms) == (8, 0.03, False, 12.5)
+    assert isinstance(hp.batch_size, int) and hparams.batch_size == 16  # the default set is untouched
+    assert hparams.parse("") is hparams
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("batchsize=8", "unknown hyperparameter 'batchsize'"),
+        ("batch_size", "name=value"),
+        ("fps=fast", "not a valid int"),
+    ],
+)
+def test_bad_overrides(text, match):
+    with pytest.raises(UserError, match=match):
+        hparams.parse(text)
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        hparams.batch_size = 3  # type: ignore[misc]
+    assert HParams().hop_length() == 200
