@@ -83,7 +83,7 @@ def read_file(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e):
+        if "Unsupported global" not in str(e):  # a damaged or hostile pickle: never unpickle it fully
             raise UserError(_damaged(path, arch, e)) from None
     except Exception as e:  # noqa: BLE001 - torch reports damage as any of a dozen exception types
         raise UserError(_damaged(path, arch, e)) from None
@@ -100,13 +100,31 @@ def read_file(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path
 
 def _damaged(path: Path, arch: str, e: BaseException) -> str:
     return (
-        f"{path}: cannot be read as a PyTorch checkpoint, probably truncated or damaged "
-        f"({_first_line(e)}); download {ARCHS[arch].files} again"
+        f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}), probably truncated or damaged; "
+        f"download {ARCHS[arch].files} again"
     )
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which keys are missing, unexpected or of the wrong shape, in a few words (empty when they fit)."""
+    own = model.state_dict()
+    parts = []
+    if missing := [k for k in own if k not in state_dict]:
+        parts.append(f"missing {_few(missing)}")
+    if unexpected := [k for k in state_dict if k not in own]:
+        parts.append(f"unexpected {_few(unexpected)}")
+    shapes = [
+        f"{k} {list(v.shape)} (model {list(own[k].shape)})"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shapes:
+        parts.append(f"wrong shape {_few(shapes)}")
+    return "; ".join(parts)
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -131,10 +149,10 @@ def load_weights(
     if found != arch:
         what = f"a {found} checkpoint" if found else "not a checkpoint of any model of this project"
         raise UserError(f"{path}: this is {what}; {flag} expects {arch} ({ARCHS[arch].files})")
-    try:
-        model.load_state_dict(state_dict, strict=strict)
-    except RuntimeError as e:
-        raise UserError(f"{path}: {arch} weights that do not fit the model ({_first_line(e)})") from None
+    report = mismatch_report(model, state_dict)
+    if report and (strict or "wrong shape" in report):
+        raise UserError(f"{path}: {arch} weights that do not fit the model: {report}")
+    model.load_state_dict(state_dict, strict=strict)
     return obj if isinstance(obj, dict) and "state_dict" in obj else {"state_dict": state_dict}
 
 

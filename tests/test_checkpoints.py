@@ -114,3 +114,31 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
 def test_identify_every_architecture():
     for arch in ("Wav2Lip", "SyncNet_color", "Wav2Lip_disc_qual", "s3fd", "syncnet_python_S"):
         assert checkpoints.identify(det_state_dict(arch)) == arch
+
+
+def test_hostile_pickle_is_never_unpickled(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    path.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01cos\nsystem\nq\x02s.")
+    with pytest.raises(UserError, match=r"evil\.pth: cannot be read"):
+        checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip")
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_numpy_objects_fall_back_with_a_warning(tmp_path, capsys):
+    import numpy as np
+
+    sd = det_state_dict("SyncNet_color")
+    torch.save({"state_dict": sd, "extra": np.zeros(3)}, tmp_path / "np.pth")
+    assert same_weights(checkpoints.load_model(models.SyncNet_color(), tmp_path / "np.pth", "SyncNet_color"), sd)
+    assert "weights_only=True" in capsys.readouterr().err
+
+
+def test_mismatch_names_the_keys(tmp_path, w2l_weights):
+    sd = dict(w2l_weights)
+    del sd["output_block.1.bias"]
+    sd["output_block.1.weight"] = torch.zeros(4, 32, 1, 1)
+    torch.save(original_container(sd), tmp_path / "bad.pth")
+    with pytest.raises(
+        UserError, match=r"missing output_block\.1\.bias; wrong shape output_block\.1\.weight \[4, 32, 1, 1\]"
+    ):
+        checkpoints.load_model(models.Wav2Lip(), tmp_path / "bad.pth", "Wav2Lip")

@@ -1,0 +1,78 @@
+"""LSE speed of the LRS mode: the in-memory PyAV path against extracting JPEGs + wav to disk and back.
+
+    python bench/lse_speed.py [--video tests/data/lse_video.mp4] [--repeat 3]
+
+Deterministic SyncNet weights (no download needed); prints seconds per minute of video and the ratio.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.io import wavfile  # noqa: E402
+
+from errors import run_cli  # noqa: E402
+from evaluation import lse, media  # noqa: E402
+from evaluation.syncnet import S, copy_parameters  # noqa: E402
+from tests.detweights import det_state_dict  # noqa: E402
+
+DEFAULT_VIDEO = ROOT / "tests" / "data" / "lse_video.mp4"
+
+
+def via_disk(model: S, path: str, tmp: str) -> lse.LSEResult:
+    """The original's data flow: %06d.jpg files and audio.wav in a folder, read back with cv2/scipy."""
+    jpeg = media.JpegRoundTrip(media.probe(path).fps)
+    for i, frame in enumerate(media.decode_frames(path), 1):
+        Path(tmp, f"{i:06d}.jpg").write_bytes(jpeg.encode(frame))
+    wavfile.write(os.path.join(tmp, "audio.wav"), media.SAMPLE_RATE, media.read_audio(path))
+    frames = np.stack(
+        [cv2.resize(cv2.imread(f), (lse.FRAME_SIZE,) * 2) for f in sorted(glob.glob(os.path.join(tmp, "*.jpg")))]
+    )
+    _, audio = wavfile.read(os.path.join(tmp, "audio.wav"))
+    return lse.evaluate_clip(model, frames, audio)
+
+
+def best_time(fn, repeat: int) -> tuple[float, lse.LSEResult]:
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--video", default=str(DEFAULT_VIDEO))
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    device = lse.default_device()
+    model = S()
+    copy_parameters(model, det_state_dict("syncnet_python_S"))
+    model = model.to(device).eval()
+    minutes = len(media.read_audio(args.video)) / media.SAMPLE_RATE / 60
+    t_mem, r_mem = best_time(lambda: lse.evaluate_video(model, args.video), args.repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        t_disk, r_disk = best_time(lambda: via_disk(model, args.video, tmp), args.repeat)
+    assert abs(r_mem.lse_d - r_disk.lse_d) < 1e-3, (r_mem, r_disk)
+    print(f"device {device}, video {args.video} ({minutes * 60:.2f} s), best of {args.repeat}")
+    print(f"in-memory (PyAV):  {t_mem / minutes:8.2f} s per minute of video")
+    print(f"extract-to-disk:   {t_disk / minutes:8.2f} s per minute of video")
+    print(f"ratio disk / memory: {t_disk / t_mem:.2f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,60 @@
+"""LSE-D / LSE-C of every generated video in a folder (Wav2Lip's LRS2/LRS3/LRW protocol).
+
+python evaluation/scores_LSE/calculate_scores_LRS.py --data_root results/ --initial_model syncnet_v2.model
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository, so the script runs from any directory
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from errors import run_cli  # noqa: E402
+from evaluation import lse  # noqa: E402
+from evaluation.syncnet import load_syncnet  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="LSE-D and LSE-C of the .mp4 videos in a folder (SyncNet)")
+    p.add_argument("--data_root", required=True, help="folder with the generated .mp4 videos")
+    p.add_argument("--initial_model", default="data/syncnet_v2.model", help="syncnet_python's syncnet_v2.model")
+    p.add_argument("--batch_size", type=int, default=lse.DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    p.add_argument("--vshift", type=int, default=lse.DEFAULT_VSHIFT, help="audio shifts searched each way")
+    p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
+    p.add_argument("--out", help="write per-video scores to this .json or .csv file")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def score_folder(model, videos: list[str], vshift: int, batch_size: int, lossless: bool) -> dict[str, dict]:
+    """Score each video, showing the running averages as the original's progress bar does."""
+    rows: dict[str, dict] = {}
+    bar = tqdm(videos)
+    for path in bar:
+        rows[Path(path).name] = lse.evaluate_video(model, path, vshift, batch_size, lossless).as_row()
+        d, c = lse.average(rows)
+        bar.set_description(f"Avg Confidence: {round(c, 3)}, Avg Minimum Dist: {round(d, 3)}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    videos = lse.list_videos(args.data_root)
+    model = load_syncnet(args.initial_model, args.device or lse.default_device())
+    rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
+    if args.out:
+        lse.write_results(rows, args.out)
+    lse_d, lse_c = lse.average(rows)
+    print(f"Average Confidence: {lse_c}")
+    print(f"Average Minimum Distance: {lse_d}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

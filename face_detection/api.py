@@ -1,0 +1,104 @@
+"""The entry point Wav2Lip scripts (and projects copying them) use: one face box per frame.
+
+`FaceAlignment(LandmarksType._2D, flip_input=False, device=...)` and `get_detections_for_batch(frames)`
+keep the original's names and results; only detection is implemented, as in Wav2Lip's trimmed copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+from .detection.core import FaceDetector
+from .detection.sfd import SFDDetector
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels
+Frames = np.ndarray | torch.Tensor | Sequence[np.ndarray]  # [B, H, W, 3] BGR, uint8 from a decoder
+DETECTORS: dict[str, type[FaceDetector]] = {"sfd": SFDDetector}
+
+
+class LandmarksType(Enum):
+    """Kept for the original's call signature; detection does not depend on it."""
+
+    _2D = 1
+    _2halfD = 2
+    _3D = 3
+
+
+class NetworkSize(Enum):
+    """Kept for the original's call signature; detection does not depend on it."""
+
+    LARGE = 4
+
+    def __int__(self) -> int:
+        return self.value
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def as_frames(images: Frames, device: torch.device) -> torch.Tensor:
+    """[B, H, W, 3] frames (an array or list of arrays, any strides, or a tensor anywhere) on `device`.
+
+    The pixels travel in their own dtype (uint8 from a decoder: a quarter of float32's bytes).
+    """
+    frames = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [B, H, W, 3], got shape {tuple(frames.shape)}")
+    return frames.to(device)
+
+
+def to_box(row: np.ndarray | None) -> Box | None:
+    """The original's rounding: clip at 0 from below only (x2, y2 may pass the frame), then int()."""
+    if row is None:
+        return None
+    x1, y1, x2, y2 = (int(v) for v in np.clip(row[:4], 0, None))
+    return x1, y1, x2, y2
+
+
+class FaceAlignment:
+    """A face detector for BGR frames, built once per process per (weights file, device).
+
+    `max_side`: detect on frames shrunk so their longest side is at most this many pixels and scale the
+    boxes back (faster on large frames); None keeps the original's full-resolution detection.
+    """
+
+    def __init__(
+        self,
+        landmarks_type: LandmarksType = LandmarksType._2D,
+        network_size: NetworkSize = NetworkSize.LARGE,
+        device: str | torch.device | None = None,
+        flip_input: bool = False,
+        face_detector: str = "sfd",
+        verbose: bool = False,
+        path_to_detector: str | Path | None = None,
+        max_side: int | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"face detection: device {device!r} asked for but CUDA is not available; use 'cpu'")
+        if face_detector not in DETECTORS:
+            raise UserError(f"face detection: unknown face_detector {face_detector!r}; choose from {sorted(DETECTORS)}")
+        if max_side is not None and max_side < 1:
+            raise UserError(f"face detection: max_side must be a positive number of pixels, got {max_side}")
+        self.landmarks_type, self.flip_input, self.verbose = landmarks_type, flip_input, verbose
+        self.max_side = max_side
+        self.face_detector = DETECTORS[face_detector](self.device, path_to_detector=path_to_detector, verbose=verbose)
+
+    def get_detections_for_batch(self, images: Frames) -> list[Box | None]:
+        """Per BGR frame of `images` [B, H, W, 3], its face box (x1, y1, x2, y2) or None when no face.
+
+        The whole batch goes through the network at once; as in the original, which anchors are considered
+        depends on every frame of the batch, so keep batch composition fixed when comparing runs.
+        """
+        frames_rgb = as_frames(images, self.device).flip(-1)
+        return [to_box(row) for row in self.face_detector.best_boxes(frames_rgb, self.max_side)]
+
+    detect_batch = get_detections_for_batch  # the name the streaming pipeline uses

@@ -1,0 +1,3 @@
+from .core import FaceDetector
+
+__all__ = ["FaceDetector"]

@@ -1,0 +1,92 @@
+"""The S3FD network (Zhang et al. 2017) exactly as Wav2Lip ships it, so its `s3fd.pth` loads unchanged.
+
+A VGG-16 trunk with six detection heads at strides 4..128. Unlike the paper (and unlike face-alignment's
+later copy), fc6 here is a plain 3x3 convolution with padding 3 and no dilation, so the fc7 map is 4 cells
+larger than its stride alone gives; the released weights were trained that way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# VGG-16 blocks conv{b}_{k}: output channels of each conv; a 2x2 max-pool follows every block.
+VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+# Detection heads in output order: (name, input channels, class channels). conv3_3 predicts 3 background
+# channels plus one face channel and keeps the largest background score ("max-out", S3FD section 3.3).
+HEADS = (
+    ("conv3_3_norm", 256, 4),
+    ("conv4_3_norm", 512, 2),
+    ("conv5_3_norm", 512, 2),
+    ("fc7", 1024, 2),
+    ("conv6_2", 512, 2),
+    ("conv7_2", 256, 2),
+)
+# The three shallow maps are L2-normalised and rescaled by a learned per-channel weight (initial scale).
+L2_NORMS = (("conv3_3_norm", 256, 10.0), ("conv4_3_norm", 512, 8.0), ("conv5_3_norm", 512, 5.0))
+L2_EPS = 1e-10
+
+
+class L2Norm(nn.Module):
+    """Channel-wise L2 normalisation with a learned scale; balances the shallow maps' magnitudes."""
+
+    def __init__(self, n_channels: int, scale: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((n_channels,), scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + L2_EPS
+        return x / norm * self.weight.view(1, -1, 1, 1)
+
+
+def _conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, padding: int | None = None) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2 if padding is None else padding)
+
+
+class s3fd(nn.Module):
+    """S3FD; `forward` returns [cls1, reg1, ..., cls6, reg6] (class logits, box offsets) per stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Registration order fixes the state-dict order, which must equal the original's.
+        c_in = 3
+        for b, widths in enumerate(VGG_BLOCKS, start=1):
+            for k, c_out in enumerate(widths, start=1):
+                setattr(self, f"conv{b}_{k}", _conv(c_in, c_out))
+                c_in = c_out
+        self.fc6 = _conv(512, 1024, 3, padding=3)
+        self.fc7 = _conv(1024, 1024, 1)
+        self.conv6_1 = _conv(1024, 256, 1)
+        self.conv6_2 = _conv(256, 512, 3, stride=2)
+        self.conv7_1 = _conv(512, 128, 1)
+        self.conv7_2 = _conv(128, 256, 3, stride=2)
+        for name, channels, scale in L2_NORMS:
+            setattr(self, name, L2Norm(channels, scale))
+        for name, channels, n_cls in HEADS:
+            setattr(self, f"{name}_mbox_conf", _conv(channels, n_cls))
+            setattr(self, f"{name}_mbox_loc", _conv(channels, 4))
+
+    def _trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The six maps the heads read: conv3_3, conv4_3, conv5_3 (L2-normalised), fc7, conv6_2, conv7_2."""
+        taps = []
+        h = x
+        for b, widths in enumerate(VGG_BLOCKS, start=1):
+            for k in range(1, len(widths) + 1):
+                h = F.relu(getattr(self, f"conv{b}_{k}")(h))
+            if b >= 3:
+                taps.append(getattr(self, f"conv{b}_3_norm")(h))
+            h = F.max_pool2d(h, 2, 2)
+        for layers in (("fc6", "fc7"), ("conv6_1", "conv6_2"), ("conv7_1", "conv7_2")):
+            for name in layers:
+                h = F.relu(getattr(self, name)(h))
+            taps.append(h)
+        return taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for (name, _, _), f in zip(HEADS, self._trunk(x), strict=True):
+            outs += [getattr(self, f"{name}_mbox_conf")(f), getattr(self, f"{name}_mbox_loc")(f)]
+        cls1 = outs[0]
+        outs[0] = torch.cat([cls1[:, :3].amax(dim=1, keepdim=True), cls1[:, 3:]], dim=1)
+        return outs
