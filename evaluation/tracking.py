@@ -10,19 +10,21 @@ Differences from the original, all deliberate:
   lossy intermediate files (MPEG-4 `video.avi` at qscale 2, JPEG frames at qscale 2, XVID crop videos)
   are skipped. The crops still go through the default JPEG round trip of the LSE step, as `evaluate()`
   extracts them that way.
-- Faces come from our S3FD (`face_detection`), which returns the best face of each frame; syncnet_python's
-  own S3FD keeps every face above 0.9, so with several people in a shot only the best face is tracked.
+- Faces come from syncnet_python's own S3FD when its `sfd_face.pth` is given (every face above 0.9, as the
+  original; see `face_detection/detection/sfd/sfd_face.py`), and from our Wav2Lip S3FD otherwise, which
+  returns the best face of each frame, so with several people in a shot only the best face is tracked.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import cv2
 import numpy as np
+import torch
 from scipy import signal
 
 from errors import UserError
@@ -153,27 +155,53 @@ def face_alignment_detector(device: str | None = None, path_to_detector: str | N
 
 
 def check_detector_file(path: str) -> None:
-    """syncnet_python's `sfd_face.pth` is a different S3FD definition (dilated fc6, `vgg.*` keys)."""
-    import torch
+    """Refuse syncnet_python's `sfd_face.pth` for our S3FD: it is another layout (see `load_detector`)."""
+    from face_detection.detection.sfd import sfd_face
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: face detector weights not found; pass an existing s3fd.pth")
-    try:
-        keys = list(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:
-        raise UserError(f"{path}: cannot read it as a PyTorch state dict ({type(e).__name__})") from e
-    if any(k.startswith("vgg.") for k in keys):
+    if sfd_face.is_sfd_face(sfd_face.read_weights(path)):
         raise UserError(
-            f"{path}: this is syncnet_python's own S3FD (sfd_face.pth), which is not supported yet; "
-            "pass Wav2Lip's s3fd.pth (face_detection/detection/sfd/s3fd.pth) or leave --facedet_model out"
+            f"{path}: this is syncnet_python's own S3FD (sfd_face.pth), which face_detection's S3FD cannot load; "
+            "load it with evaluation.tracking.load_detector (what --facedet_model does)"
         )
 
 
+def sfd_face_detector(weights: Mapping, device: str | torch.device = "cpu", name: str = "sfd_face.pth") -> Detector:
+    """syncnet_python's S3FD behind the `Detector` interface: every face scoring above 0.9."""
+    from face_detection.detection.sfd import sfd_face
+
+    net = sfd_face.build_net(weights, device, name)
+
+    def detect(frames: np.ndarray) -> list[Sequence[Box]]:
+        rgb = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1])).to(device)
+        return [[tuple(map(float, d[:4])) for d in dets] for dets in sfd_face.detect_faces(net, rgb)]
+
+    return detect
+
+
+def load_detector(path: str | None = None, device: str | None = None) -> tuple[Detector, str]:
+    """The detector of `--facedet_model` and a line saying which it is: syncnet_python's S3FD for its
+    `sfd_face.pth` (told by its keys), our S3FD for Wav2Lip's `s3fd.pth` or when no file is given."""
+    device = device or "cpu"
+    if path is None:
+        return face_alignment_detector(device), "our S3FD (face_detection, Wav2Lip's s3fd.pth), best face per frame"
+    from face_detection.detection.sfd import sfd_face
+
+    weights = sfd_face.read_weights(path)
+    if sfd_face.is_sfd_face(weights):
+        return sfd_face_detector(weights, device, path), f"syncnet_python's S3FD ({path}), every face above 0.9"
+    return face_alignment_detector(device, path), f"our S3FD (face_detection, {path}), best face per frame"
+
+
 def detect_faces(frames: np.ndarray, detector: Detector, scale: float, start: int) -> list[list[Face]]:
-    """Faces of a batch of full-size frames, detected at `scale` and mapped back to full size."""
+    """Faces of a batch of full-size frames, detected at `scale` and mapped back to full size.
+
+    As syncnet_python, boxes go back by full size / detected size per axis (cv2 rounds the shrunk size).
+    """
     small = np.stack([cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR) for f in frames])
+    sx, sy = frames.shape[2] / small.shape[2], frames.shape[1] / small.shape[1]
     return [
-        [Face(start + i, tuple(v / scale for v in box)) for box in boxes] for i, boxes in enumerate(detector(small))
+        [Face(start + i, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)) for box in boxes]
+        for i, boxes in enumerate(detector(small))
     ]
 
 

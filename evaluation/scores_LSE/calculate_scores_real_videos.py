@@ -32,7 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--data_root", help="folder of .mp4 videos")
     src.add_argument("--videofile", help="one video")
     p.add_argument("--initial_model", default="data/syncnet_v2.model", help="syncnet_python's syncnet_v2.model")
-    p.add_argument("--facedet_model", default=None, help="S3FD weights for face detection (default: ours)")
+    p.add_argument(
+        "--facedet_model",
+        default=None,
+        help="syncnet_python's sfd_face.pth (its own S3FD, every face above 0.9) or Wav2Lip's s3fd.pth "
+        "(default: face_detection/detection/sfd/s3fd.pth, best face per frame)",
+    )
     p.add_argument("--batch_size", type=int, default=lse.DEFAULT_BATCH_SIZE)
     p.add_argument("--vshift", type=int, default=lse.DEFAULT_VSHIFT)
     p.add_argument("--facedet_scale", type=float, default=tracking.FACEDET_SCALE)
@@ -71,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.videofile}: no such video file; check --videofile")
     videos = [args.videofile] if args.videofile else lse.list_videos(args.data_root)
     device = args.device or lse.default_device()
+    detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
+    print(f"face detector: {detector_name}")
     model = load_syncnet(args.initial_model, device)
-    detector = tracking.face_alignment_detector(str(device), args.facedet_model)
-    print(f"face detector: S3FD (face_detection), weights {args.facedet_model or 'default s3fd.pth'}")
     opts = tracking.PipelineOptions(
         args.facedet_scale, args.crop_scale, args.min_track, args.num_failed_det, args.min_face_size
     )

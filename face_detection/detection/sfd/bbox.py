@@ -37,16 +37,17 @@ def best_index(scores: np.ndarray) -> int:
     return int(np.argsort(scores)[-1])
 
 
-def _suppresses(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[len(a), len(b)] mask: box a_i removes box b_j, with the original's "+1 pixel" overlap formula.
+def _suppresses(a: torch.Tensor, b: torch.Tensor, threshold: float, pixel: float = 1.0) -> torch.Tensor:
+    """[len(a), len(b)] mask: box a_i removes box b_j, with the original's "+1 pixel" overlap formula
+    (`pixel=0`: plain continuous areas, as syncnet_python's S3FD computes them).
 
     A NaN overlap also suppresses, as `np.where(ovr <= thresh)` does not keep it.
     """
     a, b = a[:, None, :], b[None, :, :]
-    area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
-    area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
-    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + 1).clamp(min=0.0)
-    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1]) + 1).clamp(min=0.0)
+    area_a = (a[..., 2] - a[..., 0] + pixel) * (a[..., 3] - a[..., 1] + pixel)
+    area_b = (b[..., 2] - b[..., 0] + pixel) * (b[..., 3] - b[..., 1] + pixel)
+    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0]) + pixel).clamp(min=0.0)
+    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1]) + pixel).clamp(min=0.0)
     overlap = w * h / (area_a + area_b - w * h)
     return ~(overlap <= threshold)
 
@@ -66,8 +67,11 @@ def _greedy_block(suppress: torch.Tensor) -> torch.Tensor:
         keep = new
 
 
-def nms(dets: torch.Tensor, threshold: float, order: torch.Tensor | None = None) -> torch.Tensor:
+def nms(dets: torch.Tensor, threshold: float, order: torch.Tensor | None = None, pixel: float = 1.0) -> torch.Tensor:
     """Indices of `dets` [N, 5] (x1, y1, x2, y2, score) kept by greedy NMS, best first, like the original.
+
+    `order` overrides the visiting order (default: `descending_order`); `pixel` is what a box side gains in
+    its area (1 in Wav2Lip's formula, 0 in syncnet_python's).
 
     Boxes are visited by decreasing score a tile at a time: the tile is resolved internally by
     `_greedy_block`, then its kept boxes remove what they suppress from all the boxes after it, so the
@@ -76,13 +80,14 @@ def nms(dets: torch.Tensor, threshold: float, order: torch.Tensor | None = None)
     if order is None:
         order = descending_order(dets[:, 4])
     boxes = dets[order, :4]
-    threshold = float(np.float32(threshold))  # the original compares float32 overlaps with float32(0.3)
+    # The original compares float32 overlaps with float32(0.3); float64 boxes keep a float64 threshold.
+    threshold = torch.tensor(threshold, dtype=dets.dtype).item()
     kept = []
     while len(order):
         tile, rest = boxes[:NMS_TILE], boxes[NMS_TILE:]
-        suppress = _suppresses(tile, tile, threshold).triu(diagonal=1)
+        suppress = _suppresses(tile, tile, threshold, pixel).triu(diagonal=1)
         tile_keep = _greedy_block(suppress)
         kept.append(order[:NMS_TILE][tile_keep])
-        survive = ~_suppresses(tile[tile_keep], rest, threshold).any(dim=0)
+        survive = ~_suppresses(tile[tile_keep], rest, threshold, pixel).any(dim=0)
         boxes, order = rest[survive], order[NMS_TILE:][survive]
     return torch.cat(kept) if kept else order

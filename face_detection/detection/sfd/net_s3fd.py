@@ -3,6 +3,9 @@
 A VGG-16 trunk with six detection heads at strides 4..128. Unlike the paper (and unlike face-alignment's
 later copy), fc6 here is a plain 3x3 convolution with padding 3 and no dilation, so the fc7 map is 4 cells
 larger than its stride alone gives; the released weights were trained that way.
+
+Two keyword options build syncnet_python's S3FD instead (see `sfd_face.py`): fc6 dilated (padding 6,
+dilation 6, as in SSD) and a ceil-mode pool after conv3_3. The defaults are Wav2Lip's network, unchanged.
 """
 
 from __future__ import annotations
@@ -47,15 +50,16 @@ def _conv(c_in: int, c_out: int, k: int = 3, stride: int = 1, padding: int | Non
 class s3fd(nn.Module):
     """S3FD; `forward` returns [cls1, reg1, ..., cls6, reg6] (class logits, box offsets) per stride."""
 
-    def __init__(self) -> None:
+    def __init__(self, fc6_padding: int = 3, fc6_dilation: int = 1, pool3_ceil: bool = False) -> None:
         super().__init__()
+        self.pool3_ceil = pool3_ceil
         # Registration order fixes the state-dict order, which must equal the original's.
         c_in = 3
         for b, widths in enumerate(VGG_BLOCKS, start=1):
             for k, c_out in enumerate(widths, start=1):
                 setattr(self, f"conv{b}_{k}", _conv(c_in, c_out))
                 c_in = c_out
-        self.fc6 = _conv(512, 1024, 3, padding=3)
+        self.fc6 = nn.Conv2d(512, 1024, 3, padding=fc6_padding, dilation=fc6_dilation)
         self.fc7 = _conv(1024, 1024, 1)
         self.conv6_1 = _conv(1024, 256, 1)
         self.conv6_2 = _conv(256, 512, 3, stride=2)
@@ -76,7 +80,7 @@ class s3fd(nn.Module):
                 h = F.relu(getattr(self, f"conv{b}_{k}")(h))
             if b >= 3:
                 taps.append(getattr(self, f"conv{b}_3_norm")(h))
-            h = F.max_pool2d(h, 2, 2)
+            h = F.max_pool2d(h, 2, 2, ceil_mode=self.pool3_ceil and b == 3)
         for layers in (("fc6", "fc7"), ("conv6_1", "conv6_2"), ("conv7_1", "conv7_2")):
             for name in layers:
                 h = F.relu(getattr(self, name)(h))
