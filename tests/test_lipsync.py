@@ -1,0 +1,333 @@
+"""lipsync.py: the pipeline end to end on synthetic media with a deterministic checkpoint.
+
+The faithful steps are checked against an independent re-computation written the way the original
+inference.py wrote them (lists of crops, NumPy masking and /255., the mel chunk loop, astype(uint8)).
+A fake detector stands in for S3FD: it finds the drawn "face" square by its colour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import audio
+import lipsync
+import video
+from errors import UserError
+from hparams import hparams
+from models import Wav2Lip
+from tests.detweights import det_state_dict
+from tests.test_video import FACE_COLOR, face_frame, read_output, write_video, write_wav
+
+FPS = 25
+
+
+class FakeDetector:
+    """One box per frame around the pixels of FACE_COLOR (None when there are too few); counts frames."""
+
+    def __init__(self) -> None:
+        self.frames_seen = 0
+
+    def get_detections_for_batch(self, frames: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+        self.frames_seen += len(frames)
+        return [face_rect(f) for f in frames]
+
+
+def face_rect(frame: np.ndarray) -> tuple[int, int, int, int] | None:
+    near = np.abs(frame.astype(int) - FACE_COLOR).sum(-1) < 30
+    if near.sum() < 100:
+        return None
+    ys, xs = np.nonzero(near)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "wav2lip_det.pth"
+    torch.save({"state_dict": det_state_dict("Wav2Lip"), "optimizer": None, "global_step": 0, "global_epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sync(checkpoint) -> lipsync.LipSync:
+    return lipsync.LipSync(checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory) -> dict[str, Path]:
+    """A 12-frame video with its own audio track, a 0.48 s speech file, and a longer one."""
+    d = tmp_path_factory.mktemp("clip")
+    track = write_wav(d / "track.wav", 0.48)
+    return {
+        "video": write_video(d / "face clip.v1.MP4", 12, audio=track),
+        "speech": write_wav(d / "speech.wav", 0.48),
+        "long": write_wav(d / "long.wav", 1.0),
+        "dir": d,
+    }
+
+
+def run(sync, face, speech, out, **options):
+    frames: list[np.ndarray] = []
+    summary = sync(face, speech, out, on_frame=lambda i, f: frames.append(f.copy()), quiet=True, **options)
+    return summary, frames
+
+
+# --- the original's computation, written independently ---------------------------------------------
+
+
+def original_smoothing(boxes: np.ndarray, T: int) -> np.ndarray:
+    for i in range(len(boxes)):
+        window = boxes[len(boxes) - T :] if i + T > len(boxes) else boxes[i : i + T]
+        boxes[i] = np.mean(window, axis=0)
+    return boxes
+
+
+def original_mel_chunks(mel: np.ndarray, fps: float) -> list[np.ndarray]:
+    chunks, i = [], 0
+    while True:
+        start = int(i * 80.0 / fps)
+        if start + 16 > len(mel[0]):
+            chunks.append(mel[:, len(mel[0]) - 16 :])
+            return chunks
+        chunks.append(mel[:, start : start + 16])
+        i += 1
+
+
+def original_output(frames, speech_path, checkpoint, pads=(0, 10, 0, 0)) -> list[np.ndarray]:
+    model = Wav2Lip()
+    model.load_state_dict(torch.load(checkpoint)["state_dict"])
+    model.eval()
+    results = []
+    pady1, pady2, padx1, padx2 = pads
+    for image in frames:
+        rect = face_rect(image)
+        results.append([max(0, rect[0] - padx1), max(0, rect[1] - pady1),
+                        min(image.shape[1], rect[2] + padx2), min(image.shape[0], rect[3] + pady2)])  # fmt: skip
+    boxes = original_smoothing(np.array(results), T=5)
+    mel = audio.melspectrogram(audio.load_wav(speech_path, 16000))
+    chunks = original_mel_chunks(mel, FPS)
+    # datagen with the original's batch of 128: one batch for a short clip
+    frame_batch = [frames[i % len(frames)].copy() for i in range(len(chunks))]
+    coords = [boxes[i % len(frames)] for i in range(len(chunks))]
+    img_batch = np.asarray(
+        [cv2.resize(f[y1:y2, x1:x2], (96, 96)) for f, (x1, y1, x2, y2) in zip(frame_batch, coords, strict=True)]
+    )
+    img_masked = img_batch.copy()
+    img_masked[:, 96 // 2 :] = 0
+    img_batch = np.concatenate((img_masked, img_batch), axis=3) / 255.0
+    mel_batch = np.asarray(chunks)
+    mel_batch = np.reshape(mel_batch, [len(mel_batch), mel_batch.shape[1], mel_batch.shape[2], 1])
+    with torch.no_grad():
+        pred = model(
+            torch.FloatTensor(np.transpose(mel_batch, (0, 3, 1, 2))),
+            torch.FloatTensor(np.transpose(img_batch, (0, 3, 1, 2))),
+        )
+    pred = pred.cpu().numpy().transpose(0, 2, 3, 1) * 255.0
+    for p, f, (x1, y1, x2, y2) in zip(pred, frame_batch, coords, strict=True):
+        f[y1:y2, x1:x2] = cv2.resize(p.astype(np.uint8), (x2 - x1, y2 - y1))
+    return frame_batch
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+def test_faithful_mouth_region(sync, clip, checkpoint, tmp_path):
+    out = tmp_path / "out.mp4"
+    summary, frames = run(sync, clip["video"], clip["speech"], out)
+    inputs = list(video.iter_frames(clip["video"]))
+    expected = original_output(inputs, clip["speech"], checkpoint)
+    assert len(expected) == 9  # the original stops short of the 12 frames 0.48 s need
+    assert summary.frames == len(frames) == 12
+    for got, want in zip(frames, expected, strict=False):
+        diff = np.abs(got.astype(int) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.002  # batch-size round-off may flip a truncation
+    assert np.any(frames[0] != inputs[0])  # the mouth really was replaced
+    written, *_ = read_output(out)
+    assert np.abs(written[5].astype(int) - frames[5]).mean() < 5.0  # what was encoded, within H.264 yuv420p loss
+
+
+def test_output_covers_audio_and_loops(sync, clip, tmp_path):
+    out = tmp_path / "nested" / "dir" / "result.mp4"
+    summary, frames = run(sync, clip["video"], clip["long"], out)
+    written, seconds_v, seconds_a, _ = read_output(out)
+    assert summary.frames == len(written) == 25 and seconds_v == pytest.approx(1.0)
+    assert seconds_a == pytest.approx(1.0, abs=0.03)
+    # frame 12 is the video's frame 0 again (looping forward): outside the face box they are equal
+    assert np.array_equal(frames[12][:20], frames[0][:20]) and not np.array_equal(frames[11][:20], frames[0][:20])
+    assert summary.missing == 0 and str(out) in summary.line()
+
+
+def test_static_and_image_input(sync, clip, tmp_path):
+    summary, frames = run(sync, clip["video"], clip["speech"], tmp_path / "s.mp4", static=True)
+    assert all(np.array_equal(f[:20], frames[0][:20]) for f in frames)
+    image = tmp_path / "my face.v2.JPG"  # PNG bytes under a misleading name
+    image.write_bytes(cv2.imencode(".png", face_frame(0))[1].tobytes())
+    summary, frames = run(sync, image, clip["long"], tmp_path / "i.mp4", fps=10)
+    assert summary.frames == len(frames) == 10
+    assert read_output(tmp_path / "i.mp4")[1] == pytest.approx(1.0)
+
+
+def test_faceless_frames(sync, tmp_path):
+    clip_path = write_video(tmp_path / "gaps.mp4", 12, faceless=frozenset({3, 4, 5}))
+    speech = write_wav(tmp_path / "s.wav", 0.48)
+    inputs = list(video.iter_frames(clip_path))
+    summary, frames = run(sync, clip_path, speech, tmp_path / "keep.mp4")
+    assert summary.missing == 3 and summary.missing_ranges == [pytest.approx((0.12, 0.24))]
+    assert all(np.array_equal(frames[i], inputs[i]) for i in (3, 4, 5))
+    assert "no face in 3 frames (0.12-0.24 s)" in summary.line()
+    summary, frames = run(sync, clip_path, speech, tmp_path / "last.mp4", no_face="last")
+    assert summary.missing == 0 and not np.array_equal(frames[4], inputs[4])
+    with pytest.raises(UserError, match="face not detected in frame 3"):
+        run(sync, clip_path, speech, tmp_path / "error.mp4", no_face="error")
+    assert not (tmp_path / "error.mp4").exists()
+
+
+def test_audio_sources(sync, clip, tmp_path):
+    mp3 = tmp_path / "really an mp3.wav"
+    with av.open(str(mp3), "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=16000)
+        stream.layout = "mono"
+        with av.open(str(clip["long"])) as src:
+            for frame in src.decode(audio=0):
+                frame.pts = None
+                out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    summary, _ = run(sync, clip["video"], mp3, tmp_path / "mp3.mp4")
+    assert summary.frames in (25, 26)  # MP3 adds encoder padding
+    summary, _ = run(sync, clip["video"], clip["video"], tmp_path / "track.mp4")  # a video's audio track
+    assert summary.frames == 12
+    silent = write_wav(tmp_path / "silent.wav", 0.4, silent=True)
+    summary, _ = run(sync, clip["video"], silent, tmp_path / "silent.mp4")
+    written, _, seconds_a, _ = read_output(tmp_path / "silent.mp4")
+    assert len(written) == 10 and seconds_a == pytest.approx(0.4, abs=0.03)
+
+
+def test_box_crop_resize_rotate(sync, clip, tmp_path):
+    summary, frames = run(sync, clip["video"], clip["speech"], tmp_path / "b.mp4", box=[20, 100, 30, 120])
+    assert frames[0].shape == (128, 160, 3)
+    summary, frames = run(
+        sync, clip["video"], clip["speech"], tmp_path / "c.mp4", resize_factor=2, rotate=True, crop=[4, -1, 0, 60],
+        box=[10, 70, 5, 55],
+    )  # fmt: skip
+    assert frames[0].shape == (80 - 4, 60, 3)  # 160x128 → 80x64 → turned: 64 wide, 80 tall → cropped
+
+
+def test_feather_blend(sync, clip, tmp_path):
+    box = [20, 100, 30, 120]
+    _, pasted = run(sync, clip["video"], clip["speech"], tmp_path / "p.mp4", box=box)
+    _, feathered = run(sync, clip["video"], clip["speech"], tmp_path / "f.mp4", box=box, blend="feather")
+    inputs = list(video.iter_frames(clip["video"]))
+    y1, y2, x1, x2 = box
+    top = slice(y1, y1 + (y2 - y1) * 3 // 8)
+    assert np.array_equal(feathered[0][top, x1:x2], inputs[0][top, x1:x2])  # upper face untouched
+    assert np.array_equal(feathered[0][y2 - 1, x1:x2], inputs[0][y2 - 1, x1:x2])  # no hard bottom edge
+    centre = (slice((y1 + 3 * y2) // 4 - 2, (y1 + 3 * y2) // 4 + 2), slice((x1 + x2) // 2 - 2, (x1 + x2) // 2 + 2))
+    assert np.abs(feathered[0][centre].astype(int) - pasted[0][centre]).max() <= 1  # the mouth is generated
+
+
+def test_detection_cache_and_det_every(checkpoint, clip, tmp_path):
+    detector = FakeDetector()
+    sync = lipsync.LipSync(checkpoint, "cpu", detector=detector, quiet=True)
+    cache = tmp_path / "cache"
+    first, frames1 = run(sync, clip["video"], clip["speech"], tmp_path / "1.mp4", cache_dir=cache)
+    assert detector.frames_seen == 12 and len(list(cache.iterdir())) == 1
+    second, frames2 = run(sync, clip["video"], clip["long"], tmp_path / "2.mp4", cache_dir=cache)
+    assert detector.frames_seen == 12  # boxes came from the cache
+    # the same boxes: equal frames where the audio is equal, up to the round-off of another batch size
+    assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(frames1[:6], frames2[:6], strict=True))
+    run(sync, clip["video"], clip["speech"], tmp_path / "3.mp4", cache_dir=cache, pads=[0, 5, 0, 0])
+    assert detector.frames_seen == 12  # padding is applied after the cache
+    run(sync, clip["video"], clip["speech"], tmp_path / "4.mp4", det_every=5)
+    assert detector.frames_seen == 12 + 4  # frames 0, 5, 10 and the last one
+
+
+def test_api_function(checkpoint, clip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = lipsync.lipsync(
+        clip["video"], clip["speech"], checkpoint, device="cpu", box=[20, 100, 30, 120], quiet=True
+    )
+    assert summary.outfile == Path("results/result_voice.mp4") and (tmp_path / summary.outfile).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temp/ folder
+
+
+# --- stages ------------------------------------------------------------------------------------------
+
+
+def test_smoothing_is_the_original():
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 5, 9, 23):
+        rects = rng.integers(0, 300, size=(n, 4))
+        want = original_smoothing(rects.copy(), 5)
+        assert np.array_equal(lipsync.smoothen(rects, 5), want)
+        assert lipsync.smooth_runs([tuple(r) for r in rects]) == [tuple(r) for r in want]
+    runs = lipsync.smooth_runs([(0, 0, 10, 10), None, (2, 2, 12, 12), (4, 4, 14, 14)])
+    assert runs == [(0, 0, 10, 10), None, (3, 3, 13, 13), (3, 3, 13, 13)]
+
+
+def test_mel_starts_extend_the_original():
+    mel = np.zeros((80, 641), np.float32)  # 8 s at 16 kHz
+    original = original_mel_chunks(mel, 25)
+    starts = lipsync.mel_starts(641, 25, 200)
+    assert len(original) == 197 and len(starts) == 200
+    assert starts[:197] == audio.mel_chunk_starts(641, 25) and starts[197:] == [625] * 3
+    windows = lipsync.mel_windows(np.arange(80 * 641, dtype=np.float32).reshape(80, 641), starts[:3])
+    assert windows.shape == (3, 1, 80, 16)
+
+
+def test_box_helpers():
+    assert lipsync.pad_and_clip((10, 20, 50, 60), (0, 10, 0, 0), (65, 100, 3)) == (10, 20, 50, 65)
+    assert lipsync.fill_from_last([None, (1, 1, 2, 2), None, (3, 3, 4, 4)]) == [(1, 1, 2, 2)] * 3 + [(3, 3, 4, 4)]
+    boxes = lipsync.interpolate({0: (0, 0, 10, 10), 4: (4, 8, 14, 18), 6: None, 7: (0, 0, 1, 1)}, 8)
+    assert boxes[:5] == [(0, 0, 10, 10), (1, 2, 11, 12), (2, 4, 12, 14), (3, 6, 13, 16), (4, 8, 14, 18)]
+    assert boxes[5:] == [None, None, (0, 0, 1, 1)]
+    assert lipsync.missing_ranges([False, True, True, False, True], 25) == [(0.04, 0.12), (0.16, 0.2)]
+    with pytest.raises(UserError, match="--box"):
+        lipsync.check_region((0, 200, 0, 50), (128, 160, 3), "--box")
+    assert lipsync.check_region((0, -1, 10, -1), (128, 160, 3), "--crop") == (0, 128, 10, 160)
+
+
+def test_generator_inputs_are_the_originals():
+    faces = np.random.default_rng(1).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    mels = np.zeros((2, 1, 80, 16), np.float32)
+    _, got = lipsync.generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
+    masked = faces.copy()
+    masked[:, hparams.img_size // 2 :] = 0
+    want = torch.FloatTensor(np.transpose(np.concatenate((masked, faces), axis=3) / 255.0, (0, 3, 1, 2)))
+    assert torch.equal(got, want)
+    pred = torch.tensor([[[[0.9999]], [[0.5]], [[0.0]]]])
+    assert lipsync.to_uint8(pred).ravel().tolist() == [254, 127, 0]  # truncation, not rounding
+
+
+def test_background_stage_propagates_errors():
+    def stage():
+        yield 1
+        raise ValueError("stage failed")
+
+    it = lipsync.background(stage())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="stage failed"):
+        next(it)
+    assert list(lipsync.background(range(5))) == [0, 1, 2, 3, 4]
+    early = lipsync.background(iter(range(1000)))
+    assert next(early) == 0
+    early.close()  # stops the producing thread
+
+
+def test_oom_halves_the_batch(capsys):
+    calls = []
+
+    def fn(chunk):
+        calls.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return list(chunk)
+
+    batcher = lipsync.Batcher(fn, 8, "the generator", quiet=False)
+    assert batcher(list(range(7))) == list(range(7))
+    assert batcher.size == 2 and calls[:3] == [7, 4, 2]
+    assert "retrying with batches of 2" in capsys.readouterr().err
