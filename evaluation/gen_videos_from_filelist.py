@@ -57,14 +57,14 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def lipsync_generator(checkpoint_path: str, device: str | None, **options) -> Generate:
-    """The inference pipeline of `lipsync.py`, loaded once and called per pair."""
-    import lipsync
+def lipsync_generator(
+    checkpoint_path: str, device: str | None, detector_path: str | None = None, **options
+) -> Generate:
+    """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list."""
+    from lipsync import LipSync
 
-    if hasattr(lipsync, "LipSync"):
-        runner = lipsync.LipSync(checkpoint_path, device=device, **options)
-        return lambda face, audio, outfile: runner(face, audio, outfile)
-    return lambda face, audio, outfile: lipsync.lipsync(face, audio, checkpoint_path, outfile, device=device, **options)
+    runner = LipSync(checkpoint_path, device=device or "auto", detector_path=detector_path)
+    return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 
 def generate_all(
@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--face_det_batch_size", type=int, default=64)
     p.add_argument("--wav2lip_batch_size", type=int, default=128)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--detector_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)"
+    )
     return p.parse_args(argv)
 
 
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     generate = lipsync_generator(
         args.checkpoint_path,
         device,
+        args.detector_path,
         pads=args.pads,
         face_det_batch_size=args.face_det_batch_size,
         wav2lip_batch_size=args.wav2lip_batch_size,
