@@ -1,0 +1,17 @@
+"""The original's name for training with the visual-quality discriminator: `wav2lip_train.py --gan`.
+
+python hq_wav2lip_train.py --data_root ... --checkpoint_dir ... --syncnet_checkpoint_path ...
+"""
+
+from __future__ import annotations
+
+from errors import run_cli
+from wav2lip_train import main as wav2lip_main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return wav2lip_main(argv, gan_default=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
