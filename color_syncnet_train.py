@@ -22,6 +22,7 @@ import training
 from checkpoints import load_weights
 from data import SyncDataset
 from errors import run_cli
+from hparams import from_argument
 from models import SyncNet_color, cosine_loss
 
 EVAL_STEPS = 1400  # the original's cap on batches per evaluation; it also stopped after one pass of its
@@ -58,7 +59,7 @@ def evaluate(model, loader, ctx: training.Context, amp: str, max_batches: int) -
 
 def train(args: argparse.Namespace) -> dict:
     """The whole run; returns the final step, eval loss, checkpoint path and the (unwrapped) model."""
-    hp = training.resolve_hparams(args.hparams)
+    hp = from_argument(args.hparams)
     ctx = training.setup(args.device, args.seed)
     try:
         folder = training.check_writable(args.checkpoint_dir)

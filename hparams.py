@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from errors import UserError
 
@@ -97,10 +98,23 @@ def _convert(name: str, text: str, default: object) -> object:
         raise UserError(f"--hparams: '{name}={text}' is not a valid {kind}") from None
 
 
+def from_argument(text: str | None) -> HParams:
+    """The value of `--hparams`: `name=value,...`, or `@file` naming a file of such lines (# comments)."""
+    if text and text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise UserError(f"{path}: --hparams config file not found")
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        text = ",".join(line for line in lines if line)
+    return hparams.parse(text)
+
+
 def add_hparams_argument(parser) -> None:
     """The `--hparams` flag every script accepts."""
     parser.add_argument(
-        "--hparams", default="", help='comma-separated overrides of hparams.py, e.g. "batch_size=8,fps=30"'
+        "--hparams",
+        default="",
+        help='overrides of hparams.py: "batch_size=8,fps=30", or @file with one name=value a line',
     )
 
 

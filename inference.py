@@ -13,6 +13,7 @@ import platform
 import sys
 
 from errors import run_cli
+from hparams import add_hparams_argument, from_argument
 
 # glibc's malloc returns every buffer above 128 KiB (32 MiB at most through mallopt) to the OS when freed,
 # so each generator batch page-faults its activations in again: a third of the CPU time. These thresholds
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--detector_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
+    add_hparams_argument(p)
     return p
 
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = lipsync(
         common["face"], common["audio"], common["checkpoint_path"], common["outfile"],
         device=options.pop("device"), fp16=options.pop("fp16"), detector_path=options.pop("detector_path"),
+        hp=from_argument(options.pop("hparams")),
         **options,
     )  # fmt: skip
     if not args.quiet:

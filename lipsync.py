@@ -739,8 +739,10 @@ def lipsync(
     device: str = "auto",
     fp16: bool = False,
     detector_path: str | Path | None = None,
+    hp: HParams = hparams,
     **options,
 ) -> Summary:
     """Lip-sync one clip: `LipSync(checkpoint_path, ...)(face, audio_path, outfile, **options)`."""
-    sync = LipSync(checkpoint_path, device, fp16=fp16, detector_path=detector_path, quiet=options.get("quiet", False))
+    quiet = options.get("quiet", False)
+    sync = LipSync(checkpoint_path, device, fp16=fp16, detector_path=detector_path, hp=hp, quiet=quiet)
     return sync(face, audio_path, outfile, **options)

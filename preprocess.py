@@ -39,7 +39,7 @@ import numpy as np
 import audio
 from data import compute_mel, mel_cache_name
 from errors import UserError, run_cli
-from hparams import HParams, hparams
+from hparams import HParams, add_hparams_argument, from_argument, hparams
 
 Detector = object  # anything with get_detections_for_batch(frames_bgr NHWC uint8) -> list[box | None]
 
@@ -137,7 +137,14 @@ _detectors: dict[str, Detector] = {}
 
 
 def _worker_job(
-    vfile: Path, out_root: Path, device: str, detector_path: str | None, fps: float, batch_size: int, threads: int
+    vfile: Path,
+    out_root: Path,
+    device: str,
+    detector_path: str | None,
+    fps: float,
+    batch_size: int,
+    threads: int,
+    hp: HParams,
 ) -> Outcome:
     if device not in _detectors:
         if device == "cpu":
@@ -145,7 +152,7 @@ def _worker_job(
 
             torch.set_num_threads(threads)  # the CPU workers share the cores instead of each taking all
         _detectors[device] = make_detector(device, detector_path)
-    return process_video(vfile, out_root, _detectors[device], fps=fps, batch_size=batch_size)
+    return process_video(vfile, out_root, _detectors[device], fps=fps, batch_size=batch_size, hp=hp)
 
 
 def check_detector_weights(path: str | None) -> None:
@@ -176,6 +183,7 @@ def run(
     fps: float = 25,
     batch_size: int = 32,
     progress: bool = True,
+    hp: HParams = hparams,
 ) -> list[Outcome]:
     """Process `videos`; with several devices, one worker process per device.
 
@@ -188,7 +196,7 @@ def run(
     if len(devices) == 1 or detector_factory is not None:
         detector = (detector_factory or (lambda d: make_detector(d, detector_path)))(devices[0])
         for vfile in videos:
-            outcomes.append(process_video(vfile, out_root, detector, fps=fps, batch_size=batch_size))
+            outcomes.append(process_video(vfile, out_root, detector, fps=fps, batch_size=batch_size, hp=hp))
             bar.update(1)
     else:
         import multiprocessing
@@ -197,7 +205,7 @@ def run(
         with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [
                 pool.submit(
-                    _worker_job, v, out_root, devices[i % len(devices)], detector_path, fps, batch_size, threads
+                    _worker_job, v, out_root, devices[i % len(devices)], detector_path, fps, batch_size, threads, hp
                 )
                 for i, v in enumerate(videos)
             ]
@@ -260,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--filelist_out", default=None, help="write train.txt and val.txt here, split by speaker")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="share of speakers for val.txt")
     parser.add_argument("--no_tqdm", action="store_true")
+    add_hparams_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detector] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    hp = from_argument(args.hparams)
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out_root = Path(args.preprocessed_root)
     videos = shard(list_videos(args.data_root, args.pattern), rank, world_size)
@@ -287,6 +297,7 @@ def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detect
         fps=args.fps,
         batch_size=args.batch_size,
         progress=not args.no_tqdm,
+        hp=hp,
     )
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     report = {

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from checkpoints import save_checkpoint
 from devices import select_device
 from errors import UserError
-from hparams import HParams, add_hparams_argument, hparams
+from hparams import HParams, add_hparams_argument
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -343,17 +343,6 @@ class Running:
 
     def reset(self) -> None:
         self.sums, self.n = {}, 0
-
-
-def resolve_hparams(overrides: str) -> HParams:
-    """`--hparams name=value,...`, or `--hparams @file` naming a config of such lines (# comments)."""
-    if overrides.startswith("@"):
-        path = Path(overrides[1:])
-        if not path.is_file():
-            raise UserError(f"{path}: --hparams config file not found")
-        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-        overrides = ",".join(line for line in lines if line)
-    return hparams.parse(overrides)
 
 
 def write_options(folder: Path, args: argparse.Namespace, hp: HParams) -> None:

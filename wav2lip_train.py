@@ -44,6 +44,7 @@ import training
 from checkpoints import load_weights
 from data import SYNCNET_T, Wav2LipDataset
 from errors import run_cli
+from hparams import from_argument
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss
 
 EVAL_STEPS = 700  # the original's batches per evaluation, cycling through its loader
@@ -164,7 +165,7 @@ def evaluate(model, syncnet, disc, loader, ctx: training.Context, amp: str, max_
 
 def train(args: argparse.Namespace) -> dict:
     """The whole run; returns the final step, eval losses, syncnet_wt, checkpoint path and the model."""
-    hp = training.resolve_hparams(args.hparams)
+    hp = from_argument(args.hparams)
     ctx = training.setup(args.device, args.seed)
     try:
         folder = training.check_writable(args.checkpoint_dir)

@@ -26,6 +26,7 @@ from collections.abc import Callable  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from errors import UserError, run_cli  # noqa: E402
+from hparams import HParams, add_hparams_argument, from_argument, hparams  # noqa: E402
 
 Generate = Callable[[str, str, str], None]  # (face video, audio source, output file)
 
@@ -58,12 +59,12 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def lipsync_generator(
-    checkpoint_path: str, device: str | None, detector_path: str | None = None, **options
+    checkpoint_path: str, device: str | None, detector_path: str | None = None, hp: HParams = hparams, **options
 ) -> Generate:
     """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list."""
     from lipsync import LipSync
 
-    runner = LipSync(checkpoint_path, device=device or "auto", detector_path=detector_path)
+    runner = LipSync(checkpoint_path, device=device or "auto", detector_path=detector_path, hp=hp)
     return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 
@@ -106,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--detector_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)"
     )
+    add_hparams_argument(p)
     return p.parse_args(argv)
 
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint_path,
         device,
         args.detector_path,
+        from_argument(args.hparams),
         pads=args.pads,
         face_det_batch_size=args.face_det_batch_size,
         wav2lip_batch_size=args.wav2lip_batch_size,

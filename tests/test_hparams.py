@@ -44,3 +44,28 @@ def test_frozen():
     with pytest.raises(AttributeError):
         hparams.batch_size = 3  # type: ignore[misc]
     assert HParams().hop_length() == 200
+
+
+def test_config_file_and_every_script_takes_hparams(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hparams import from_argument
+
+    cfg = tmp_path / "tiny.txt"
+    cfg.write_text("# a comment\nbatch_size=2\nfps=30  # trailing comment\n")
+    hp = from_argument(f"@{cfg}")
+    assert (hp.batch_size, hp.fps) == (2, 30)
+    with pytest.raises(UserError, match="config file not found"):
+        from_argument(f"@{tmp_path / 'nope.txt'}")
+    repo = Path(__file__).resolve().parent.parent
+    for script in ("inference.py", "preprocess.py", "color_syncnet_train.py", "wav2lip_train.py"):
+        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=repo)
+        assert "--hparams" in out.stdout, script
+    # an unknown name is one clean line, whatever else is wrong with the command
+    out = subprocess.run(
+        [sys.executable, "inference.py", "--checkpoint_path", "x.pth", "--face", "f.mp4", "--audio", "a.wav",
+         "--hparams", "fpss=30"], capture_output=True, text=True, cwd=repo,
+    )  # fmt: skip
+    assert out.returncode == 2 and "unknown hyperparameter 'fpss'" in out.stderr and "Traceback" not in out.stderr
