@@ -188,3 +188,12 @@ def write_results(rows: dict[str, dict], out: str | os.PathLike) -> None:
                 writer.writerow({"name": name, **row})
     else:
         raise UserError(f"{out}: unknown result format; name the file *.json or *.csv")
+
+
+def report(rows: dict[str, dict], out: str | os.PathLike | None = None) -> None:
+    """Write the per-video rows to `out` (.json or .csv) if given, and print the averages as the original."""
+    if out:
+        write_results(rows, out)
+    lse_d, lse_c = average(rows)
+    print(f"Average Confidence: {lse_c}")
+    print(f"Average Minimum Distance: {lse_d}")

@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     videos = lse.list_videos(args.data_root)
     model = load_syncnet(args.initial_model, args.device or lse.default_device())
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
-    if args.out:
-        lse.write_results(rows, args.out)
-    lse_d, lse_c = lse.average(rows)
-    print(f"Average Confidence: {lse_c}")
-    print(f"Average Minimum Distance: {lse_d}")
+    lse.report(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         args.facedet_scale, args.crop_scale, args.min_track, args.num_failed_det, args.min_face_size
     )
     rows = score_videos(model, videos, detector, opts, args.vshift, args.batch_size, args.lossless)
-    if args.out:
-        lse.write_results(rows, args.out)
-    lse_d, lse_c = lse.average(rows)
-    print(f"Average Confidence: {lse_c}")
-    print(f"Average Minimum Distance: {lse_d}")
+    lse.report(rows, args.out)
 
 
 if __name__ == "__main__":
