@@ -24,6 +24,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.io import wavfile  # noqa: E402
 
+from devices import select_device  # noqa: E402
 from errors import run_cli  # noqa: E402
 from evaluation import lse, media  # noqa: E402
 from evaluation.syncnet import S, copy_parameters  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--video", default=str(DEFAULT_VIDEO))
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
-    device = lse.default_device()
+    device = select_device("auto")
     model = S()
     copy_parameters(model, det_state_dict("syncnet_python_S"))
     model = model.to(device).eval()

@@ -44,10 +44,6 @@ class LSEResult:
         return {"offset": self.offset, "lse_d": self.lse_d, "lse_c": self.lse_c}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def mfcc(audio: np.ndarray, sample_rate: int = media.SAMPLE_RATE) -> np.ndarray:
     """13 MFCCs every 10 ms [13, T] from raw int16 values, as python_speech_features computes them."""
     return python_speech_features.mfcc(audio, sample_rate).T

@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from devices import select_device  # noqa: E402
 from errors import run_cli  # noqa: E402
 from evaluation import lse  # noqa: E402
 from evaluation.syncnet import load_syncnet  # noqa: E402
@@ -47,7 +48,7 @@ def score_folder(model, videos: list[str], vshift: int, batch_size: int, lossles
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     videos = lse.list_videos(args.data_root)
-    model = load_syncnet(args.initial_model, args.device or lse.default_device())
+    model = load_syncnet(args.initial_model, select_device(args.device or "auto"))
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
     lse.report(rows, args.out)
 

@@ -19,6 +19,7 @@ import argparse  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
+from devices import select_device  # noqa: E402
 from errors import UserError, run_cli  # noqa: E402
 from evaluation import lse, tracking  # noqa: E402
 from evaluation.syncnet import load_syncnet  # noqa: E402
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.videofile and not Path(args.videofile).is_file():
         raise UserError(f"{args.videofile}: no such video file; check --videofile")
     videos = [args.videofile] if args.videofile else lse.list_videos(args.data_root)
-    device = args.device or lse.default_device()
+    device = select_device(args.device or "auto")
     detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
     print(f"face detector: {detector_name}")
     model = load_syncnet(args.initial_model, device)
