@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wav2lip_batch_size",
         type=int,
         default=None,
-        help="batch size for the generator (default: 128 on a GPU, 32 on a CPU, where it is faster)",
+        help="batch size for the generator (default: 128 on a GPU, 16 on a CPU, where it is faster)",
     )
     p.add_argument(
         "--resize_factor",
