@@ -88,12 +88,9 @@ def train(args: argparse.Namespace) -> dict:
         scaler = training.grad_scaler(ctx, args.amp)
         training.check_amp(ctx, args.amp)
 
-        logger = training.Logger(folder, ctx.is_main)
-        if ctx.is_main:
-            training.write_options(folder, args, hp)
-            print(f"expert: {len(train_set)} train / {len(val_set)} val windows, {ctx.world_size} process(es) on "
+        banner = (f"expert: {len(train_set)} train / {len(val_set)} val windows, {ctx.world_size} process(es) on "
                   f"{ctx.device}, from step {step}")  # fmt: skip
-        bar = training.progress(args.max_steps, step, ctx.is_main and not args.no_tqdm)
+        logger, bar = training.start_run(folder, ctx, args, hp, banner, step)
         running, shown = training.Running(), training.Running()
         data = training.batches(train_loader, epoch)
         eval_loss, saved_at, evaluated_at = None, None, None

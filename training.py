@@ -345,6 +345,15 @@ class Running:
         self.sums, self.n = {}, 0
 
 
+def start_run(folder: Path, ctx, args: argparse.Namespace, hp: HParams, banner: str, step: int):
+    """Rank 0 notes how the run was started and says what it trains; every rank gets its logger and bar."""
+    logger = Logger(folder, ctx.is_main)
+    if ctx.is_main:
+        write_options(folder, args, hp)
+        print(banner)
+    return logger, progress(args.max_steps, step, ctx.is_main and not args.no_tqdm)
+
+
 def write_options(folder: Path, args: argparse.Namespace, hp: HParams) -> None:
     """A note of how the run was started, beside its checkpoints."""
     lines = [" ".join(sys.argv), *(f"--{k} {v}" for k, v in sorted(vars(args).items()))]

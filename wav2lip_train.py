@@ -216,12 +216,9 @@ def train(args: argparse.Namespace) -> dict:
         scaler, disc_scaler = training.grad_scaler(ctx, args.amp), training.grad_scaler(ctx, args.amp)
         training.check_amp(ctx, args.amp)
 
-        logger = training.Logger(folder, ctx.is_main)
-        if ctx.is_main:
-            training.write_options(folder, args, hp)
-            print(f"generator{' + GAN' if args.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
+        banner = (f"generator{' + GAN' if args.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
                   f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {syncnet_wt}")  # fmt: skip
-        bar = training.progress(args.max_steps, step, ctx.is_main and not args.no_tqdm)
+        logger, bar = training.start_run(folder, ctx, args, hp, banner, step)
         running, shown = training.Running(), training.Running()
         data = training.batches(train_loader, epoch)
         last_eval, saved_at, evaluated_at, last_batch = {}, None, None, None
