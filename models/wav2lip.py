@@ -7,10 +7,14 @@ concatenates the face encoder's feature map of the same size at each scale (U-Ne
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from .conv import Conv2d, Conv2dTranspose, res
+
+FINE_STAGES = 3  # the 96×96, 48×48 and 24×24 stages at each end of the U-Net
 
 
 def speech_encoder(out_channels: int = 512, blocks_per_stage: tuple[int, ...] = (2, 2, 2, 1)) -> nn.Sequential:
@@ -63,25 +67,51 @@ class Wav2Lip(nn.Module):
         )
         self.output_block = nn.Sequential(Conv2d(80, 32, 3, 1, 1), nn.Conv2d(32, 3, 1, 1, 0), nn.Sigmoid())
 
-    def forward(self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor) -> torch.Tensor:
-        """(B,1,80,16) + (B,6,96,96) → (B,3,96,96); or, in training, (B,T,1,80,16) + (B,6,T,96,96) → (B,3,T,96,96)."""
+    def forward(
+        self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor, fine_chunk: int | None = None
+    ) -> torch.Tensor:
+        """(B,1,80,16) + (B,6,96,96) → (B,3,96,96); or, in training, (B,T,1,80,16) + (B,6,T,96,96) → (B,3,T,96,96).
+
+        `fine_chunk` runs the FINE_STAGES finest stages at each end of the U-Net that many frames at a
+        time, the coarse middle on the whole batch: the same numbers, but on a CPU the large activations
+        stay in cache while the large weights are read once per batch (about 10 % faster at 4).
+        """
         batch = audio_sequences.size(0)
         is_sequence = face_sequences.dim() > 4
         if is_sequence:
             audio_sequences, face_sequences = fold_time(audio_sequences, 1), fold_time(face_sequences, 2)
+        encoder, decoder = self.face_encoder_blocks, self.face_decoder_blocks
 
-        feats = []
-        x = face_sequences
-        for block in self.face_encoder_blocks:
-            x = block(x)
-            feats.append(x)
-
-        x = self.audio_encoder(audio_sequences)
-        for block in self.face_decoder_blocks:
-            x = torch.cat((block(x), feats.pop()), dim=1)
-        x = self.output_block(x)
+        parts = face_sequences.split(fine_chunk) if fine_chunk else [face_sequences]
+        fine = [encode(encoder[:FINE_STAGES], part) for part in parts]
+        coarse = encode(encoder[FINE_STAGES:], join([feats[-1] for feats in fine]))
+        x = decode(decoder[:-FINE_STAGES], self.audio_encoder(audio_sequences), coarse)
+        x = join([
+            self.output_block(decode(decoder[-FINE_STAGES:], part, feats))
+            for part, feats in zip(x.split([len(p) for p in parts]), fine, strict=True)
+        ])  # fmt: skip
 
         return unfold_time(x, batch) if is_sequence else x
+
+
+def encode(blocks: Iterable[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The feature map after each block, finest first: what the decoder's skips take."""
+    feats = []
+    for block in blocks:
+        x = block(x)
+        feats.append(x)
+    return feats
+
+
+def decode(blocks: Iterable[nn.Module], x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+    """Each block's output concatenated with the encoder's map of the same size, coarsest first."""
+    for block, skip in zip(blocks, reversed(feats), strict=True):
+        x = torch.cat((block(x), skip), dim=1)
+    return x
+
+
+def join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def fold_time(x: torch.Tensor, time_dim: int) -> torch.Tensor:

@@ -246,6 +246,17 @@ def test_detection_cache_and_det_every(checkpoint, clip, tmp_path):
     assert detector.frames_seen == 12 + 4  # frames 0, 5, 10 and the last one
 
 
+def test_det_every_detects_around_a_keyframe_without_face(checkpoint, tmp_path):
+    detector = FakeDetector()
+    sync = lipsync.LipSync(checkpoint, "cpu", detector=detector, quiet=True)
+    clip_path = write_video(tmp_path / "gap.mp4", 12, faceless=frozenset({5, 6}))
+    summary, _ = run(sync, clip_path, write_wav(tmp_path / "s.wav", 0.48), tmp_path / "out.mp4", det_every=5)
+    # keyframes 0, 5, 10, 11; keyframe 5 has no face, so frames 1-4 and 6-9 are detected one by one
+    assert detector.frames_seen == 4 + 8
+    assert summary.missing == 2 and summary.missing_ranges == [pytest.approx((0.2, 0.28))]
+    assert lipsync.frames_near_misses({0: (0, 0, 1, 1), 3: None, 6: (0, 0, 1, 1), 9: (0, 0, 1, 1)}) == [1, 2, 4, 5]
+
+
 def test_api_function(checkpoint, clip, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     summary = lipsync.lipsync(
@@ -316,6 +327,50 @@ def test_background_stage_propagates_errors():
     early = lipsync.background(iter(range(1000)))
     assert next(early) == 0
     early.close()  # stops the producing thread
+
+
+def test_ordered_map_keeps_order_bounds_work_in_flight_and_restores_threads():
+    import threading
+    import time
+
+    main_threads = torch.get_num_threads()
+    started, lock, seen_threads = [], threading.Lock(), set()
+
+    def items():
+        for i in range(20):
+            with lock:
+                started.append(i)
+            yield i
+
+    def slow(i):
+        seen_threads.add(torch.get_num_threads())
+        time.sleep(0.02 * ((i * 7) % 3))  # finish out of order
+        return i * i
+
+    out = []
+    for result in lipsync.ordered_map(slow, items(), workers=3, threads=1):
+        with lock:
+            assert len(started) - len(out) <= 3 + 1  # never more than workers + 1 pulled ahead of the consumer
+        out.append(result)
+    assert out == [i * i for i in range(20)]
+    assert seen_threads == {1} and torch.get_num_threads() == main_threads
+
+    def failing(i):
+        if i == 4:
+            raise ValueError("batch 4 failed")
+        return i
+
+    with pytest.raises(ValueError, match="batch 4 failed"):
+        list(lipsync.ordered_map(failing, range(10), workers=2, threads=1))
+    assert torch.get_num_threads() == main_threads
+
+
+def test_cpu_generator_runs_batches_side_by_side(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert lipsync.generator_workers(torch.device("cpu")) == (2, 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert lipsync.generator_workers(torch.device("cpu")) == (lipsync.CPU_WORKERS_MAX, 16 // lipsync.CPU_WORKERS_MAX)
+    assert lipsync.generator_workers(torch.device("cuda"))[0] == 1
 
 
 def test_oom_halves_the_batch(capsys):

@@ -42,6 +42,31 @@ def test_wav2lip_golden(case):
 
 
 @torch.no_grad()
+def test_folded_batchnorm_keeps_the_golden_output():
+    g = load_golden("wav2lip")["forward_4d"]
+    model = models.conv.fold_batchnorm(golden_model("Wav2Lip"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any("running_mean" in k for k in model.state_dict())
+    out = model(formula_input(g["inputs"]["audio_sequences"]), formula_input(g["inputs"]["face_sequences"]))
+    dev = assert_stats(out, g["output"])
+    print(f"wav2lip folded max |dev| {dev:.2e}")
+    faces = torch.rand(2, 6, 96, 96, generator=torch.Generator().manual_seed(0))
+    mels = torch.randn(2, 1, 80, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(mels, faces), golden_model("Wav2Lip")(mels, faces), rtol=0, atol=5e-6)
+
+
+@torch.no_grad()
+def test_fine_chunks_give_the_same_faces():
+    model = golden_model("Wav2Lip")
+    faces = torch.rand(7, 6, 96, 96, generator=torch.Generator().manual_seed(2))
+    mels = torch.randn(7, 1, 80, 16, generator=torch.Generator().manual_seed(3))
+    whole = model(mels, faces)
+    for chunk in (1, 3, 7, 16):
+        torch.testing.assert_close(model(mels, faces, fine_chunk=chunk), whole, rtol=0, atol=1e-6)
+    assert not torch.equal(model(mels.flip(0), faces, fine_chunk=3), whole)  # chunks are not mixed up
+
+
+@torch.no_grad()
 def test_syncnet_color_golden():
     g = load_golden("syncnet_color")
     a, v = golden_model("SyncNet_color")(

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from audio import save_wav  # noqa: E402
+from audio import resample, save_wav  # noqa: E402
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -123,9 +123,7 @@ def write_preprocessed(folder: Path, clip: Clip, sample_rate: int = SAMPLE_RATE)
         cv2.imwrite(str(folder / f"{i}.jpg"), frame[y1:y2, x1:x2])
     wav = clip.wav
     if sample_rate != SAMPLE_RATE:
-        import librosa
-
-        wav = librosa.resample(wav, orig_sr=SAMPLE_RATE, target_sr=sample_rate)
+        wav = resample(wav, SAMPLE_RATE, sample_rate)
     save_wav(wav, folder / "audio.wav", sample_rate)
 
 
