@@ -22,7 +22,6 @@ import training
 from checkpoints import load_weights
 from data import SyncDataset
 from errors import run_cli
-from hparams import from_argument
 from models import SyncNet_color, cosine_loss
 
 EVAL_STEPS = 1400  # the original's cap on batches per evaluation; it also stopped after one pass of its
@@ -59,12 +58,7 @@ def evaluate(model, loader, ctx: training.Context, amp: str, max_batches: int) -
 
 def train(args: argparse.Namespace) -> dict:
     """The whole run; returns the final step, eval loss, checkpoint path and the (unwrapped) model."""
-    hp = from_argument(args.hparams)
-    ctx = training.setup(args.device, args.seed)
-    try:
-        folder = training.check_writable(args.checkpoint_dir)
-        workers = hp.num_workers if args.num_workers is None else args.num_workers
-
+    with training.session(args) as (hp, ctx, folder, workers):
         # data
         train_set = SyncDataset(args.data_root, "train", args.filelists_dir, hp, neg_min_offset=args.neg_min_offset)
         val_set = SyncDataset(args.data_root, "val", args.filelists_dir, hp, neg_min_offset=args.neg_min_offset)
@@ -143,8 +137,6 @@ def train(args: argparse.Namespace) -> dict:
         if ctx.is_main:
             print(f"step {step}: eval loss {eval_loss:.4f}; checkpoint {path}")
         return {"step": step, "epoch": epoch, "eval_loss": eval_loss, "checkpoint": path, "model": model}
-    finally:
-        training.teardown(ctx)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from checkpoints import save_checkpoint
 from devices import select_device
 from errors import UserError
-from hparams import HParams, add_hparams_argument
+from hparams import HParams, add_hparams_argument, from_argument
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,19 @@ def setup(device_name: str = "auto", seed: int = 0) -> Context:
 def teardown(ctx: Context) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(args: argparse.Namespace) -> Iterator[tuple[HParams, Context, Path, int]]:
+    """What a trainer starts with: (hparams, context, checkpoint folder, data-loading workers); the
+    process group is left on the way out, however the run ends."""
+    hp = from_argument(args.hparams)
+    ctx = setup(args.device, args.seed)
+    try:
+        folder = check_writable(args.checkpoint_dir)
+        yield hp, ctx, folder, hp.num_workers if args.num_workers is None else args.num_workers
+    finally:
+        teardown(ctx)
 
 
 def seed_everything(seed: int) -> None:

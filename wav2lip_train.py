@@ -44,7 +44,6 @@ import training
 from checkpoints import load_weights
 from data import SYNCNET_T, Wav2LipDataset
 from errors import run_cli
-from hparams import from_argument
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss
 
 EVAL_STEPS = 700  # the original's batches per evaluation, cycling through its loader
@@ -165,11 +164,7 @@ def evaluate(model, syncnet, disc, loader, ctx: training.Context, amp: str, max_
 
 def train(args: argparse.Namespace) -> dict:
     """The whole run; returns the final step, eval losses, syncnet_wt, checkpoint path and the model."""
-    hp = from_argument(args.hparams)
-    ctx = training.setup(args.device, args.seed)
-    try:
-        folder = training.check_writable(args.checkpoint_dir)
-        workers = hp.num_workers if args.num_workers is None else args.num_workers
+    with training.session(args) as (hp, ctx, folder, workers):
         disc_wt = hp.disc_wt if args.gan else 0.0
 
         # data
@@ -301,8 +296,6 @@ def train(args: argparse.Namespace) -> dict:
         logger.close()
         return {"step": step, "epoch": epoch, "eval": last_eval, "syncnet_wt": syncnet_wt, "checkpoint": path,
                 "model": model, "disc": disc}  # fmt: skip
-    finally:
-        training.teardown(ctx)
 
 
 def main(argv: list[str] | None = None, gan_default: bool = False) -> dict:
