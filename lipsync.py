@@ -4,9 +4,9 @@
 
 Each stage is a generator over frames or batches, so only a few batches are ever in memory whatever the
 length of the clip; decoding runs on a thread of its own and the generator on worker threads (one on a
-GPU, one per core on a CPU), overlapped with pasting and encoding on the calling thread. Faces are found in a first pass (boxes are small and kept for the whole video;
-smoothing looks 4 frames ahead), then a second pass re-reads the video to generate, re-reading it again
-each time the audio outlasts it.
+GPU, one per core on a CPU), overlapped with pasting and encoding on the calling thread. Faces are found
+in a first pass (boxes are small and kept for the whole video; smoothing looks 4 frames ahead), then a
+second pass re-reads the video to generate, re-reading it again each time the audio outlasts it.
 
 With default options the mouth region is the original's computation: S3FD boxes padded by `pads` and
 clipped, smoothed over 5 frames (the original's in-place window), crops resized to 96×96 with

@@ -41,6 +41,12 @@ def common(root: Path, ckpt: Path, *extra: str) -> list[str]:
             "--hparams", TINY, "--no_tqdm", "--num_workers", "0", *extra]  # fmt: skip
 
 
+def generator_args(root: Path, ckpt: Path, expert: dict, max_steps: int, eval_steps: int, *extra: str) -> list[str]:
+    """`common` for a generator run: the frozen expert and the step counts every one of them gives."""
+    return common(root, ckpt, "--syncnet_checkpoint_path", str(expert["checkpoint"]),
+                  "--max_steps", str(max_steps), "--eval_steps", str(eval_steps), *extra)  # fmt: skip
+
+
 def read_log(folder: Path) -> dict[str, list[tuple[int, float]]]:
     out: dict[str, list[tuple[int, float]]] = {}
     with open(folder / "log.csv") as f:
@@ -82,20 +88,7 @@ def test_expert_checkpoint_is_the_original_container_and_safe_to_load(expert):
 
 def test_generator_l1_falls_and_sync_loss_switches_on(synth, expert, tmp_path):
     ckpt = tmp_path / "gen"
-    result = wav2lip_train.main(
-        common(
-            synth,
-            ckpt,
-            "--syncnet_checkpoint_path",
-            str(expert["checkpoint"]),
-            "--max_steps",
-            "10",
-            "--eval_steps",
-            "4",
-            "--log_interval",
-            "1",
-        )  # fmt: skip
-    )
+    result = wav2lip_train.main(generator_args(synth, ckpt, expert, 10, 4, "--log_interval", "1"))
     log = read_log(ckpt)
     train_l1 = [v for _, v in log["train/l1"]]
     print("generator train L1 by step:", train_l1, "eval:", log["eval/l1"], "sync:", log["eval/sync_loss"])
@@ -117,37 +110,13 @@ def test_generator_l1_falls_and_sync_loss_switches_on(synth, expert, tmp_path):
 
 def test_resume_restores_syncnet_wt_and_step(synth, expert, tmp_path):
     first = tmp_path / "a"
-    wav2lip_train.main(
-        common(
-            synth,
-            first,
-            "--syncnet_checkpoint_path",
-            str(expert["checkpoint"]),
-            "--max_steps",
-            "1",
-            "--eval_steps",
-            "1",
-        )  # fmt: skip
-    )
+    wav2lip_train.main(generator_args(synth, first, expert, 1, 1))
     path = first / "checkpoint_step000000001.pth"
     c = torch.load(path, weights_only=True)
     c["syncnet_wt"] = 0.02  # a weight the schedule never sets by itself
     torch.save(c, path)
     result = wav2lip_train.main(
-        common(
-            synth,
-            tmp_path / "b",
-            "--syncnet_checkpoint_path",
-            str(expert["checkpoint"]),
-            "--checkpoint_path",
-            str(path),
-            "--max_steps",
-            "2",
-            "--eval_steps",
-            "1",
-            "--keep_last",
-            "1",
-        )  # fmt: skip
+        generator_args(synth, tmp_path / "b", expert, 2, 1, "--checkpoint_path", str(path), "--keep_last", "1")
     )
     assert result["step"] == 2 and result["syncnet_wt"] == 0.02
     assert [p.name for p in (tmp_path / "b").glob("checkpoint_step*.pth")] == ["checkpoint_step000000002.pth"]
@@ -155,19 +124,7 @@ def test_resume_restores_syncnet_wt_and_step(synth, expert, tmp_path):
 
 def test_gan_alias_trains_the_discriminator(synth, expert, tmp_path):
     ckpt = tmp_path / "hq"
-    result = hq_wav2lip_train.main(
-        common(
-            synth,
-            ckpt,
-            "--syncnet_checkpoint_path",
-            str(expert["checkpoint"]),
-            "--max_steps",
-            "2",
-            "--eval_steps",
-            "1",
-            "--expert_eval_mode",
-        )  # fmt: skip
-    )
+    result = hq_wav2lip_train.main(generator_args(synth, ckpt, expert, 2, 1, "--expert_eval_mode"))
     assert result["disc"] is not None
     load_weights(Wav2Lip(), ckpt / "checkpoint_step000000002.pth", "Wav2Lip")
     load_weights(Wav2Lip_disc_qual(), ckpt / "disc_checkpoint_step000000002.pth", "Wav2Lip_disc_qual")
@@ -175,20 +132,17 @@ def test_gan_alias_trains_the_discriminator(synth, expert, tmp_path):
     assert {"eval/perceptual", "eval/disc_real", "eval/disc_fake"} <= set(log)
     # resume both networks
     result = hq_wav2lip_train.main(
-        common(
+        generator_args(
             synth,
             tmp_path / "hq2",
-            "--syncnet_checkpoint_path",
-            str(expert["checkpoint"]),
-            "--max_steps",
-            "3",
-            "--eval_steps",
-            "1",
+            expert,
+            3,
+            1,
             "--checkpoint_path",
             str(ckpt / "checkpoint_step000000002.pth"),
             "--disc_checkpoint_path",
             str(ckpt / "disc_checkpoint_step000000002.pth"),
-        )  # fmt: skip
+        )
     )
     assert result["step"] == 3
 
