@@ -157,12 +157,9 @@ def _worker_job(
 
 def check_detector_weights(path: str | None) -> None:
     """Fail before starting any worker when S3FD's weights are missing."""
-    from checkpoints import missing_file_message
-    from face_detection.detection.sfd.sfd_detector import default_weights_path
+    from face_detection.detection.sfd.sfd_detector import existing_weights
 
-    weights = Path(path) if path else default_weights_path()
-    if not weights.is_file():
-        raise UserError(missing_file_message(weights, "s3fd", "--detector_path"))
+    existing_weights(path)
 
 
 def make_detector(device: str, detector_path: str | None = None) -> Detector:

@@ -16,7 +16,7 @@ from .bbox import best_index, nms
 from .detect import batch_detect
 from .net_s3fd import s3fd
 
-WEIGHTS_FLAG = "path_to_detector"  # how a user points at another weights file
+WEIGHTS_FLAG = "--detector_path (path_to_detector= from Python)"  # how a user points at another weights file
 NMS_OVERLAP = 0.3  # boxes overlapping a better one by more than this are dropped
 KEEP_SCORE = 0.5  # detections must score above this
 
@@ -32,14 +32,20 @@ def _cached_net(path: str, device: str, stamp: tuple[int, int]) -> s3fd:
     return load_model(s3fd(), path, "s3fd", device, flag=WEIGHTS_FLAG).requires_grad_(False)
 
 
+def existing_weights(path: str | Path | None = None) -> Path:
+    """The weights file to load (default: `default_weights_path()`); a missing one is a one-line UserError."""
+    path = Path(path).expanduser().resolve() if path is not None else default_weights_path()
+    if not path.is_file():
+        raise UserError(missing_file_message(path, "s3fd", WEIGHTS_FLAG))
+    return path
+
+
 def load_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> s3fd:
     """The S3FD network with the weights at `path` (default: `default_weights_path()`), built once.
 
     A missing, damaged or wrong-model file is a one-line UserError naming it (see checkpoints.py).
     """
-    path = Path(path).expanduser().resolve() if path is not None else default_weights_path()
-    if not path.is_file():
-        raise UserError(missing_file_message(path, "s3fd", WEIGHTS_FLAG))
+    path = existing_weights(path)
     stat = path.stat()
     return _cached_net(str(path), str(torch.device(device)), (stat.st_mtime_ns, stat.st_size))
 
