@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import audio
 import video
-from checkpoints import load_model
+from checkpoints import load_model, skeleton
 from devices import select_device
 from errors import UserError
 from hparams import HParams, hparams
@@ -388,23 +388,28 @@ class Batch:
     generated: np.ndarray | None = None  # (n_with_face, S, S, 3) uint8
 
 
+def batch_sizes(n: int, batch_size: int, workers: int) -> list[int]:
+    """`n` frames in near-equal batches of at most `batch_size`, as many as a multiple of `workers`: the
+    workers then finish together, instead of one running a short last batch while the others wait."""
+    rounds = -(-n // (batch_size * workers))
+    count = min(n, rounds * workers)
+    small, extra = divmod(n, count) if count else (0, 0)
+    return [small + 1] * extra + [small] * (count - extra)
+
+
 def make_batches(
-    items: Iterable[tuple[np.ndarray, Box | None, int]], img_size: int, batch_size: int
+    items: Iterable[tuple[np.ndarray, Box | None, int]], img_size: int, sizes: Iterable[int]
 ) -> Iterator[Batch]:
-    """Group (frame, box, mel start) into batches, cropping each face and resizing it as the original."""
-    for chunk in batched(items, batch_size):
+    """Group (frame, box, mel start) into batches of `sizes`, cropping each face and resizing it as the original."""
+    iterator = iter(items)
+    for size in sizes:
+        if not (chunk := tuple(itertools.islice(iterator, size))):
+            return
         frames, boxes, starts = zip(*chunk, strict=True)
         faces = [cv2.resize(f[y1:y2, x1:x2], (img_size, img_size)) for f, (y1, y2, x1, x2) in _with_box(frames, boxes)]
         faces_array = np.stack(faces) if faces else np.zeros((0, img_size, img_size, 3), np.uint8)
         face_starts = [s for b, s in zip(boxes, starts, strict=True) if b is not None]
         yield Batch(list(frames), list(boxes), faces_array, face_starts)
-
-
-def batched(items: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
-    """itertools.batched of Python 3.12."""
-    iterator = iter(items)
-    while chunk := tuple(itertools.islice(iterator, n)):
-        yield chunk
 
 
 def _with_box(frames: Sequence[np.ndarray], boxes: Sequence[Box | None]) -> Iterator[tuple[np.ndarray, Box]]:
@@ -586,7 +591,8 @@ class LipSync:
             print(f"Using {self.device} for inference{' in float16' if fp16 else ''}.", file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        self.model = fold_batchnorm(load_model(Wav2Lip(), checkpoint_path, "Wav2Lip", self.device)).to(self.dtype)
+        model = load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip", self.device)
+        self.model = fold_batchnorm(model).to(self.dtype)
         # oneDNN's convolutions run ~10-20 % faster on NHWC tensors; outputs agree to float round-off
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
@@ -654,8 +660,8 @@ class LipSync:
             (frame, boxes[index % len(boxes)], starts[i])
             for i, (index, frame) in enumerate(cycle_frames(source, n_out, static))
         )
-        batches = background(make_batches(items, self.hp.img_size, batch_size))
         workers, threads = generator_workers(self.device)
+        batches = background(make_batches(items, self.hp.img_size, batch_sizes(n_out, batch_size, workers)))
         generated = ordered_map(lambda batch: self._generate_batch(batch, mel, generate), batches, workers, threads)
         height, width = source.shape[:2]
         missing = []

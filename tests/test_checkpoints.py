@@ -43,6 +43,17 @@ def test_legacy_serialization_of_torch_1x(tmp_path, w2l_weights):
     assert same_weights(checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip"), w2l_weights)
 
 
+def test_skeleton_takes_the_checkpoint_tensors_in_the_model_dtype(tmp_path, w2l_weights):
+    """Built on the meta device, the model ends with real float32 tensors, even from a float16 file."""
+    path = tmp_path / "half.pth"
+    torch.save(original_container({k: v.half() if v.is_floating_point() else v for k, v in w2l_weights.items()}), path)
+    model = checkpoints.load_model(checkpoints.skeleton(models.Wav2Lip), path, "Wav2Lip")
+    tensors = model.state_dict()
+    assert not any(t.is_meta for t in tensors.values())
+    assert all(tensors[k].dtype == v.dtype for k, v in w2l_weights.items())
+    assert all(torch.equal(tensors[k], v.half().to(v.dtype)) for k, v in w2l_weights.items() if v.is_floating_point())
+
+
 def test_raw_state_dict(tmp_path):
     sd = det_state_dict("SyncNet_color")
     torch.save(sd, tmp_path / "raw.pth")

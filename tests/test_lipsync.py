@@ -373,6 +373,18 @@ def test_cpu_generator_runs_batches_side_by_side(monkeypatch):
     assert lipsync.generator_workers(torch.device("cuda"))[0] == 1
 
 
+@pytest.mark.parametrize(
+    ("n", "batch_size", "workers"), [(200, 16, 2), (17, 16, 1), (33, 16, 4), (3, 16, 4), (1, 128, 1)]
+)
+def test_batches_end_together_on_every_worker(n, batch_size, workers):
+    """200 frames on 2 workers: 14 batches of 14-15 frames, not 12 of 16 and a last one of 8 run alone."""
+    sizes = lipsync.batch_sizes(n, batch_size, workers)
+    assert sum(sizes) == n and max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
+    assert len(sizes) % workers == 0 or len(sizes) == n < workers
+    assert len(sizes) == -(-n // (batch_size * workers)) * workers or len(sizes) == n
+    assert lipsync.batch_sizes(0, batch_size, workers) == []
+
+
 def test_oom_halves_the_batch(capsys):
     calls = []
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_model, missing_file_message
+from checkpoints import load_model, missing_file_message, skeleton
 from errors import UserError
 
 from ..core import FaceDetector
@@ -29,7 +29,7 @@ def default_weights_path() -> Path:
 @functools.lru_cache(maxsize=4)
 def _cached_net(path: str, device: str, stamp: tuple[int, int]) -> s3fd:
     """One network per (file, device, file version) per process; `stamp` reloads a replaced file."""
-    return load_model(s3fd(), path, "s3fd", device, flag=WEIGHTS_FLAG).requires_grad_(False)
+    return load_model(skeleton(s3fd), path, "s3fd", device, flag=WEIGHTS_FLAG).requires_grad_(False)
 
 
 def existing_weights(path: str | Path | None = None) -> Path:
