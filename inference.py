@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--face",
         required=True,
-        help="video or image with the face (any format FFmpeg/OpenCV reads); rotation metadata is applied and "
+        help="video or image with the face (any format FFmpeg/OpenCV reads); rotation and mirroring metadata are applied and "
         "a variable frame rate is resampled to the video's average rate",
     )
     p.add_argument("--audio", required=True, help="speech: any audio file, or a video whose audio track to use")

@@ -5,7 +5,8 @@ grow with the length of a clip.
 - Inputs are judged by their content, not their name: whatever FFmpeg (or, for still images, OpenCV)
   can read. Still images go through `cv2.imdecode`, as the original read them with `cv2.imread`; it also
   applies their EXIF orientation.
-- Rotation metadata (the display matrix phones write) is applied to every decoded frame.
+- The display matrix phones and editors write (a quarter turn, a mirror, or both) is applied to every decoded
+  frame, as FFmpeg's own autorotation applies it.
 - A variable-frame-rate video is read on a constant timeline when `iter_frames(fps=...)` is given: each
   frame lands on the output slot nearest its timestamp, dropping or repeating frames, as FFmpeg's `fps`
   filter does. Inference resamples every video to its stream's average rate this way.
@@ -20,7 +21,7 @@ import hashlib
 import math
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
 
 from errors import UserError
 
@@ -43,15 +45,51 @@ AAC_FALLBACK_RATE = 48000  # for input rates AAC cannot carry
 AUDIO_BITRATE = 192_000
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a file
 CONTAINER_OF_SUFFIX = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
-ROTATE_CCW = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
+FLIP_CODE = {(True, False): 1, (False, True): 0, (True, True): -1}  # cv2.flip's code for (hflip, vflip)
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How players show a decoded frame: transposed (for a quarter turn), then mirrored left-right and/or
+    upside down. Every quarter turn and mirror a display matrix can ask for is one of these eight."""
+
+    transpose: bool = False
+    hflip: bool = False
+    vflip: bool = False
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        if self.transpose:
+            image = cv2.transpose(image)
+        code = FLIP_CODE.get((self.hflip, self.vflip))
+        return image if code is None else cv2.flip(image, code)
+
+
+def orientation_of(matrix: Sequence[int] | None) -> Orientation:
+    """The Orientation of FFmpeg's 3×3 display matrix (row-major, 16.16 fixed point), read as FFmpeg's own
+    autorotation reads it: a quarter turn when the diagonal is the smaller part, the flips from the signs.
+    Angles between quarter turns snap to the nearest one."""
+    if matrix is None:
+        return Orientation()
+    a, b, _, c, d, *_ = matrix
+    if abs(b) > abs(a):
+        return Orientation(transpose=True, hflip=c < 0, vflip=b < 0)
+    return Orientation(hflip=a < 0, vflip=d < 0)
+
+
+def display_matrix(frame: av.VideoFrame) -> list[int] | None:
+    """The frame's display matrix side data (FFmpeg copies the container's onto every frame), if any."""
+    for data in frame.side_data:
+        if data.type == SideDataType.DISPLAYMATRIX:
+            return np.frombuffer(bytes(data), np.int32).tolist()
+    return None
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     """What the pipeline needs to know about a face input before decoding it.
 
-    `width`/`height` are as displayed (after rotation). `rotation` is the counter-clockwise angle the
-    display matrix asks for (0, 90, 180 or 270). `n_frames` is the container's estimate (1 for an image).
+    `width`/`height` are as displayed, after `orientation` (the display matrix's turn and mirror).
+    `n_frames` is the container's estimate (1 for an image).
     """
 
     path: str
@@ -60,7 +98,7 @@ class VideoInfo:
     fps: Fraction
     n_frames: int
     duration: float
-    rotation: int
+    orientation: Orientation
     has_audio: bool
     is_image: bool
 
@@ -82,12 +120,14 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         if _is_image_format(container.format.name, stream):
             return _probe_image(path)
         first = _first_frame(container, stream, path)
-        rotation = normalized_rotation(first.rotation)
-        width, height = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        orientation = orientation_of(display_matrix(first))
+        width, height = (first.height, first.width) if orientation.transpose else (first.width, first.height)
         fps = _stream_fps(stream)
         duration = _duration(container, stream)
         n_frames = stream.frames or max(1, round(duration * fps))
-        return VideoInfo(path, width, height, fps, n_frames, duration, rotation, bool(container.streams.audio), False)
+        return VideoInfo(
+            path, width, height, fps, n_frames, duration, orientation, bool(container.streams.audio), False
+        )
 
 
 def _is_image_format(format_name: str, stream: av.video.stream.VideoStream) -> bool:
@@ -107,7 +147,7 @@ def _first_frame(container: av.container.InputContainer, stream, path: str) -> a
 def _probe_image(path: str) -> VideoInfo:
     image = read_image(path)
     height, width = image.shape[:2]
-    return VideoInfo(path, width, height, DEFAULT_FPS, 1, 0.0, 0, False, True)
+    return VideoInfo(path, width, height, DEFAULT_FPS, 1, 0.0, Orientation(), False, True)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -133,16 +173,6 @@ def _duration(container, stream) -> float:
     return container.duration / av.time_base if container.duration else 0.0
 
 
-def normalized_rotation(degrees: float | int | None) -> int:
-    """The display matrix's counter-clockwise angle as one of 0, 90, 180, 270."""
-    return int(round((degrees or 0) / 90)) * 90 % 360
-
-
-def rotate_frame(frame: np.ndarray, ccw_degrees: int) -> np.ndarray:
-    """Turn a decoded frame the way the display matrix says players show it."""
-    return cv2.rotate(frame, ROTATE_CCW[ccw_degrees]) if ccw_degrees else frame
-
-
 def iter_frames(path: str | os.PathLike, *, fps: float | Fraction | None = None) -> Iterator[np.ndarray]:
     """Yield the frames of a video (or the one frame of an image) as BGR uint8 H×W×3, as displayed.
 
@@ -159,7 +189,7 @@ def iter_frames(path: str | os.PathLike, *, fps: float | Fraction | None = None)
 
 
 def _decode(path: str) -> Iterator[tuple[Fraction | None, Fraction, np.ndarray]]:
-    """(timestamp or None, duration, BGR frame) per decoded frame, in seconds, rotation applied."""
+    """(timestamp or None, duration, BGR frame) per decoded frame, in seconds, as displayed."""
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -169,7 +199,7 @@ def _decode(path: str) -> Iterator[tuple[Fraction | None, Fraction, np.ndarray]]
                 time = Fraction(frame.pts) * stream.time_base if frame.pts is not None else None
                 duration = Fraction(frame.duration) * stream.time_base if frame.duration else nominal
                 image = frame.to_ndarray(format="bgr24")
-                yield time, duration, rotate_frame(image, normalized_rotation(frame.rotation))
+                yield time, duration, orientation_of(display_matrix(frame)).apply(image)
     except av.error.FFmpegError as e:
         raise UserError(f"{path}: decoding failed part way ({e})") from None
 

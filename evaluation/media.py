@@ -20,6 +20,7 @@ import av
 import cv2
 import numpy as np
 
+import video
 from errors import UserError
 
 SAMPLE_RATE = 16000  # Hz, syncnet_python's `-ar 16000`
@@ -151,6 +152,12 @@ class JpegRoundTrip:
         return cv2.imdecode(np.frombuffer(self.encode(frame), np.uint8), cv2.IMREAD_COLOR)
 
 
+def as_displayed(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
+    """`image` (decoded from `frame`) turned and mirrored as its display matrix says, as the ffmpeg CLI
+    autorotates (it does so before its JPEG encode; after it, only the JPEG's 8×8 rounding differs)."""
+    return video.orientation_of(video.display_matrix(frame)).apply(image)
+
+
 def read_frames(path: str | os.PathLike, size: int | None = 224, lossless: bool = False) -> np.ndarray:
     """All frames as BGR uint8 [T, size, size, 3], through the JPEG round trip unless `lossless`.
 
@@ -160,7 +167,7 @@ def read_frames(path: str | os.PathLike, size: int | None = 224, lossless: bool 
     jpeg = None if lossless else JpegRoundTrip(fps)
     frames = []
     for frame in decode_frames(path):
-        img = frame.to_ndarray(format="bgr24") if jpeg is None else jpeg(frame)
+        img = as_displayed(frame, frame.to_ndarray(format="bgr24") if jpeg is None else jpeg(frame))
         if size is not None:
             img = cv2.resize(img, (size, size))
         frames.append(img)

@@ -87,7 +87,7 @@ def retimed_frames(path: str | os.PathLike, fps: int = FRAME_RATE) -> Iterator[n
         while prev is not None and next_tick < tick:
             yield prev
             next_tick += 1
-        prev, prev_tick = frame.to_ndarray(format="bgr24"), tick
+        prev, prev_tick = media.as_displayed(frame, frame.to_ndarray(format="bgr24")), tick
     while prev is not None and next_tick <= prev_tick:
         yield prev
         next_tick += 1

@@ -109,3 +109,15 @@ def test_syncnet_python_detector_file_is_refused(tmp_path):
     torch.save({"vgg.0.weight": torch.zeros(1)}, tmp_path / "sfd_face.pth")
     with pytest.raises(UserError, match="sfd_face.pth: this is syncnet_python's own S3FD"):
         tracking.check_detector_file(str(tmp_path / "sfd_face.pth"))
+
+
+def test_phone_rotation_is_applied_as_ffmpeg_autorotates(tmp_path):
+    """syncnet_python's ffmpeg calls autorotate; a phone clip's faces must come out upright here too."""
+    from evaluation import media
+    from tests.test_video import face_frame
+    from tests.test_video import write_video as write_h264
+
+    path = write_h264(tmp_path / "phone.mp4", 3, rotation=90)
+    upright = np.rot90(face_frame(0))
+    for frame in (media.read_frames(path, size=None)[0], next(tracking.retimed_frames(path))):
+        assert frame.shape == upright.shape and np.abs(frame.astype(int) - upright).mean() < 4.0

@@ -52,8 +52,9 @@ def face_frame(i: int, width: int = 160, height: int = 128, face: bool = True) -
 def write_video(
     path: Path, n_frames: int, fps: int = 25, size: tuple[int, int] = (160, 128), audio: Path | None = None,
     rotation: int = 0, pts: list[int] | None = None, faceless: frozenset[int] = frozenset(),
+    matrix: list[int] | None = None,
 ) -> Path:  # fmt: skip
-    """An H.264 video of `face_frame`s, optionally with an AAC track, display rotation or custom pts."""
+    """An H.264 video of `face_frame`s, optionally with an AAC track, display rotation or matrix, custom pts."""
     width, height = size
     with av.open(str(path), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps)
@@ -63,6 +64,8 @@ def write_video(
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:
             stream.set_display_rotation(rotation)
+        if matrix is not None:
+            stream.set_display_matrix(matrix)
         astream = add_audio_stream(out) if audio is not None else None
         for i in range(n_frames):
             frame = av.VideoFrame.from_ndarray(face_frame(i, width, height, i not in faceless), format="bgr24")
@@ -109,7 +112,13 @@ def media(tmp_path_factory) -> Path:
 def test_probe_video(media):
     path = write_video(media / "clip.mp4", 20, audio=write_wav(media / "a.wav", 0.8))
     info = video.probe(path)
-    assert (info.width, info.height, info.fps, info.n_frames, info.rotation) == (160, 128, 25, 20, 0)
+    assert (info.width, info.height, info.fps, info.n_frames, info.orientation) == (
+        160,
+        128,
+        25,
+        20,
+        video.Orientation(),
+    )
     assert info.has_audio and not info.is_image
     assert info.duration == pytest.approx(0.8, abs=0.05)
 
@@ -125,12 +134,49 @@ def test_frames_roundtrip(media):
 def test_rotation_metadata_applied(media):
     path = write_video(media / "phone.mp4", 3, rotation=90)  # the display matrix: turn 90° counter-clockwise
     info = video.probe(path)
-    assert (info.width, info.height, info.rotation) == (128, 160, 90)
+    assert (info.width, info.height) == (128, 160) and info.orientation.transpose
     frame = next(video.iter_frames(path))
     expected = cv2.rotate(face_frame(0), cv2.ROTATE_90_COUNTERCLOCKWISE)
     assert frame.shape == expected.shape and np.abs(frame.astype(int) - expected).mean() < 4.0
     opencv = cv2.VideoCapture(str(path)).read()[1]  # OpenCV applies the same rotation
     assert np.abs(opencv.astype(int) - frame).mean() < 2.0
+
+
+ONE, W = 1 << 16, 1 << 30  # 1.0 in the display matrix's 16.16 and 2.30 fixed point
+
+
+def display(a: int, b: int, c: int, d: int) -> list[int]:
+    return [a * ONE, b * ONE, 0, c * ONE, d * ONE, 0, 0, 0, W]
+
+
+# FFmpeg's autorotation (fftools' filter insertion) for each quarter turn and mirror, in NumPy terms
+DISPLAY_MATRICES = [
+    (display(1, 0, 0, 1), lambda x: x),
+    (display(-1, 0, 0, 1), lambda x: x[:, ::-1]),  # hflip
+    (display(1, 0, 0, -1), lambda x: x[::-1]),  # vflip
+    (display(-1, 0, 0, -1), lambda x: np.rot90(x, 2)),  # hflip + vflip
+    (display(0, -1, 1, 0), lambda x: np.rot90(x, 1)),  # transpose=cclock
+    (display(0, 1, -1, 0), lambda x: np.rot90(x, -1)),  # transpose=clock
+    (display(0, 1, 1, 0), lambda x: x.transpose(1, 0, 2)),  # transpose=cclock_flip
+    (display(0, -1, -1, 0), lambda x: np.rot90(x, -1)[::-1]),  # transpose=clock_flip
+]
+
+
+@pytest.mark.parametrize(("matrix", "expected"), DISPLAY_MATRICES)
+def test_display_matrix_quarter_turns_and_mirrors(matrix, expected):
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    assert np.array_equal(video.orientation_of(matrix).apply(image), expected(image))
+
+
+def test_mirrored_video_is_shown_mirrored(media):
+    """A selfie camera's left-right mirror: flipped, not turned upside down (its angle reads as 180°)."""
+    path = write_video(media / "selfie.mp4", 2, matrix=display(-1, 0, 0, 1))
+    assert video.probe(path).orientation == video.Orientation(hflip=True)
+    frame = next(video.iter_frames(path))
+    assert np.abs(frame.astype(int) - face_frame(0)[:, ::-1]).mean() < 4.0
+    turned = write_video(media / "turned.mp4", 2, matrix=display(0, 1, 1, 0))
+    assert (video.probe(turned).width, video.probe(turned).height) == (128, 160)
+    assert np.abs(next(video.iter_frames(turned)).astype(int) - face_frame(0).transpose(1, 0, 2)).mean() < 4.0
 
 
 def test_variable_frame_rate_resampled(media):
