@@ -21,7 +21,7 @@ import hashlib
 import math
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -77,11 +77,23 @@ def orientation_of(matrix: Sequence[int] | None) -> Orientation:
 
 
 def display_matrix(frame: av.VideoFrame) -> list[int] | None:
-    """The frame's display matrix side data (FFmpeg copies the container's onto every frame), if any."""
-    for data in frame.side_data:
+    """The frame's display matrix side data (FFmpeg copies the container's onto every frame), if any.
+
+    Read from a 2×2 copy, which keeps the side data: PyAV 18 never frees a decoded frame whose `side_data`
+    was looked at (about a frame's worth of memory lost per call)."""
+    for data in frame.reformat(width=2, height=2, format="gray").side_data:
         if data.type == SideDataType.DISPLAYMATRIX:
             return np.frombuffer(bytes(data), np.int32).tolist()
     return None
+
+
+def with_orientation(frames: Iterable[av.VideoFrame]) -> Iterator[tuple[av.VideoFrame, Orientation]]:
+    """Each decoded frame with its stream's Orientation, read once from the first frame."""
+    orientation = None
+    for frame in frames:
+        if orientation is None:
+            orientation = orientation_of(display_matrix(frame))
+        yield frame, orientation
 
 
 @dataclass(frozen=True)
@@ -195,11 +207,11 @@ def _decode(path: str) -> Iterator[tuple[Fraction | None, Fraction, np.ndarray]]
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # frame threads: decoding overlaps the rest of the pipeline
             nominal = 1 / _stream_fps(stream)
-            for frame in container.decode(stream):
+            for frame, orientation in with_orientation(container.decode(stream)):
                 time = Fraction(frame.pts) * stream.time_base if frame.pts is not None else None
                 duration = Fraction(frame.duration) * stream.time_base if frame.duration else nominal
                 image = frame.to_ndarray(format="bgr24")
-                yield time, duration, orientation_of(display_matrix(frame)).apply(image)
+                yield time, duration, orientation.apply(image)
     except av.error.FFmpegError as e:
         raise UserError(f"{path}: decoding failed part way ({e})") from None
 

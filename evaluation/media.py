@@ -152,12 +152,6 @@ class JpegRoundTrip:
         return cv2.imdecode(np.frombuffer(self.encode(frame), np.uint8), cv2.IMREAD_COLOR)
 
 
-def as_displayed(frame: av.VideoFrame, image: np.ndarray) -> np.ndarray:
-    """`image` (decoded from `frame`) turned and mirrored as its display matrix says, as the ffmpeg CLI
-    autorotates (it does so before its JPEG encode; after it, only the JPEG's 8×8 rounding differs)."""
-    return video.orientation_of(video.display_matrix(frame)).apply(image)
-
-
 def read_frames(path: str | os.PathLike, size: int | None = 224, lossless: bool = False) -> np.ndarray:
     """All frames as BGR uint8 [T, size, size, 3], through the JPEG round trip unless `lossless`.
 
@@ -166,8 +160,9 @@ def read_frames(path: str | os.PathLike, size: int | None = 224, lossless: bool 
     fps = probe(path).fps
     jpeg = None if lossless else JpegRoundTrip(fps)
     frames = []
-    for frame in decode_frames(path):
-        img = as_displayed(frame, frame.to_ndarray(format="bgr24") if jpeg is None else jpeg(frame))
+    for frame, orientation in video.with_orientation(decode_frames(path)):
+        # the ffmpeg CLI autorotates before its JPEG encode; turned after it, only the 8×8 rounding differs
+        img = orientation.apply(frame.to_ndarray(format="bgr24") if jpeg is None else jpeg(frame))
         if size is not None:
             img = cv2.resize(img, (size, size))
         frames.append(img)

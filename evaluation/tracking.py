@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy import signal
 
+import video
 from errors import UserError
 from evaluation import lse, media
 
@@ -79,7 +80,7 @@ def retimed_frames(path: str | os.PathLike, fps: int = FRAME_RATE) -> Iterator[n
     and fills the ticks up to the next frame's; a frame landing on a tick already taken is dropped."""
     src_fps = media.probe(path).fps
     prev, prev_tick, next_tick = None, -1, 0
-    for i, frame in enumerate(media.decode_frames(path)):
+    for i, (frame, orientation) in enumerate(video.with_orientation(media.decode_frames(path))):
         t = Fraction(frame.time).limit_denominator(1 << 20) if frame.time is not None else i / src_fps
         tick = round(t * fps)
         if tick <= prev_tick:
@@ -87,7 +88,7 @@ def retimed_frames(path: str | os.PathLike, fps: int = FRAME_RATE) -> Iterator[n
         while prev is not None and next_tick < tick:
             yield prev
             next_tick += 1
-        prev, prev_tick = media.as_displayed(frame, frame.to_ndarray(format="bgr24")), tick
+        prev, prev_tick = orientation.apply(frame.to_ndarray(format="bgr24")), tick  # as ffmpeg autorotates
     while prev is not None and next_tick <= prev_tick:
         yield prev
         next_tick += 1

@@ -5,6 +5,8 @@ The media-making helpers here are shared by the lip-sync tests.
 
 from __future__ import annotations
 
+import os
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -264,3 +266,20 @@ def test_frames_to_cover():
     assert video.frames_to_cover(8.0, 25) == 200
     assert video.frames_to_cover(1.001, 25) == 26
     assert video.frames_to_cover(0.0, 25) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/statm")
+def test_reading_the_display_matrix_frees_every_frame(media):
+    """PyAV keeps any decoded frame whose side data was read: 100 frames of 640x480 would hold ~45 MB."""
+    path = write_video(media / "long.mp4", 100, size=(640, 480), rotation=90)
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    for _ in video.iter_frames(path):  # warm up the decoder and the allocator
+        pass
+    before = resident_mib()
+    for _ in range(3):
+        for _ in video.iter_frames(path):
+            pass
+    assert resident_mib() - before < 20
