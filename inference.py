@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--face",
         required=True,
-        help="video or image with the face (any format FFmpeg/OpenCV reads); rotation and mirroring metadata are applied and "
-        "a variable frame rate is resampled to the video's average rate",
+        help="video or image with the face (any format FFmpeg/OpenCV reads); rotation and mirroring metadata are "
+        "applied and a variable frame rate is resampled to the video's average rate",
     )
     p.add_argument("--audio", required=True, help="speech: any audio file, or a video whose audio track to use")
     p.add_argument("--outfile", default=DEFAULT_OUTFILE, help="output video (H.264 + AAC); its folder is created")
