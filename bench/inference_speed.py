@@ -103,7 +103,7 @@ def generator_fps(sync: lipsync.LipSync, n_frames: int, batch_size: int) -> tupl
         return sync.predict(faces[:n], mels[:n])
 
     workers, threads = lipsync.generator_workers(sync.device)
-    sizes = [min(batch_size, n_frames - done) for done in range(0, n_frames, batch_size)]
+    sizes = lipsync.batch_sizes(n_frames, batch_size, workers)
     list(lipsync.ordered_map(generate, [batch_size] * workers, workers, threads))  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     for _ in lipsync.ordered_map(generate, sizes, workers, threads):
