@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ import torch
 from torch import nn
 
 from errors import UserError
+from files import atomic_path
 
 M = TypeVar("M", bound=nn.Module)
 
-REPO = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -205,16 +204,6 @@ def save_checkpoint(
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file, fsynced and renamed over `path` (files.atomic_path)."""
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import math
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,6 +31,7 @@ import numpy as np
 from av.sidedata.sidedata import Type as SideDataType
 
 from errors import UserError
+from files import PartialFile
 
 DEFAULT_FPS = Fraction(25)  # when a stream states no rate at all
 VIDEO_CODEC = "libx264"
@@ -129,7 +129,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             what = "only audio" if container.streams.audio else "no video stream"
             raise UserError(f"{path}: has {what}; --face needs a video or an image")
         stream = container.streams.video[0]
-        if _is_image_format(container.format.name, stream):
+        if _is_image_format(container.format.name):
             return _probe_image(path)
         first = _first_frame(container, stream, path)
         orientation = orientation_of(display_matrix(first))
@@ -142,7 +142,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         )
 
 
-def _is_image_format(format_name: str, stream: av.video.stream.VideoStream) -> bool:
+def _is_image_format(format_name: str) -> bool:
     """FFmpeg reads still images through the image2 demuxer or one of the `*_pipe` ones."""
     return format_name == "image2" or format_name.endswith("_pipe")
 
@@ -270,9 +270,9 @@ class VideoWriter:
         self.width, self.height = width - width % 2, height - height % 2
         if self.width < 2 or self.height < 2:
             raise UserError(f"{self.path}: frames of {width}x{height} are too small to encode")
-        self.tmp = self.path.parent / f".{self.path.stem}.partial-{uuid.uuid4().hex[:8]}{self.path.suffix}"
+        self.partial = PartialFile(self.path)
         container_format = CONTAINER_OF_SUFFIX.get(self.path.suffix.lower(), "mp4")
-        self.container = open_output(self.tmp, container_format)
+        self.container = open_output(self.partial.tmp, container_format)
         try:
             self.rate = _as_rate(fps)
             self.video = self.container.add_stream(VIDEO_CODEC, rate=self.rate)
@@ -323,8 +323,7 @@ class VideoWriter:
         except BaseException:
             self.abort()
             raise
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.partial.commit()
 
     def abort(self) -> None:
         """Drop the partial file."""
@@ -332,7 +331,7 @@ class VideoWriter:
             self.audio_frames.close()
         with contextlib.suppress(av.error.FFmpegError, ValueError, OSError):
             self.container.close()
-        self.tmp.unlink(missing_ok=True)
+        self.partial.discard()
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -382,11 +381,6 @@ def _aac_frames(audio_path: str | os.PathLike) -> Iterator[av.AudioFrame]:
                 yield out
     except (av.error.FFmpegError, IndexError) as e:
         raise UserError(f"{audio_path}: cannot be decoded as audio ({e})") from None
-
-
-def duration_of_frames(n_frames: int, fps: float | Fraction) -> float:
-    """Seconds covered by `n_frames` at `fps`."""
-    return n_frames / float(fps)
 
 
 def frames_to_cover(seconds: float, fps: float | Fraction) -> int:

@@ -105,7 +105,7 @@ def test_ours_load_in_the_original_way(tmp_path):
     fresh = models.SyncNet_color()
     fresh.load_state_dict({k.replace("module.", ""): v for k, v in ckpt["state_dict"].items()})
     torch.optim.Adam(fresh.parameters()).load_state_dict(ckpt["optimizer"])
-    assert not list(path.parent.glob("*.tmp"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
