@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import av
 import numpy as np
 import soxr
 
+import video
 from errors import UserError
 from hparams import HParams, hparams
 
@@ -173,3 +176,37 @@ def mel_chunk_starts(n_columns: int, fps: float) -> list[int]:
         i += 1
     starts.append(n_columns - MEL_STEP_SIZE)
     return starts
+
+
+def frame_mel_starts(n_columns: int, fps: float, n_frames: int) -> list[int]:
+    """Start column of each of `n_frames` output frames: the original's rule (`mel_chunk_starts`), continued
+    with its last window (flush with the end of the mel) up to `n_frames`, so the video covers the audio."""
+    starts = mel_chunk_starts(n_columns, fps)
+    return starts + [starts[-1]] * (n_frames - len(starts))
+
+
+def mel_windows(mel: np.ndarray, starts: Sequence[int]) -> np.ndarray:
+    """(n, 1, num_mels, 16) float32 windows starting at `starts`: the networks' audio input."""
+    return np.stack([mel[:, s : s + MEL_STEP_SIZE] for s in starts])[:, None]
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The mel windows stage's input: a whole mel spectrogram and the window each output frame takes."""
+
+    mel: np.ndarray  # (num_mels, columns) float32
+    starts: list[int]  # first mel column of each output frame's window
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.starts)
+
+
+def load_speech(path: str | os.PathLike, fps: float, hp: HParams = hparams) -> Speech:
+    """The speech of any audio (or video) file, as mel windows for enough frames at `fps` to cover it."""
+    wav = load_wav(path, hp.sample_rate)
+    mel = melspectrogram(wav, hp)
+    if np.isnan(mel).any():
+        raise UserError(f"{path}: the mel spectrogram contains NaN; add a little noise to the audio")
+    n_frames = video.frames_to_cover(len(wav) / hp.sample_rate, fps)
+    return Speech(mel, frame_mel_starts(mel.shape[1], fps, n_frames))

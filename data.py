@@ -25,12 +25,12 @@ What changes, for speed and robustness:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import random
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 import audio
 from errors import UserError
+from files import atomic_path
 from hparams import HParams, hparams
 
 SYNCNET_T = 5  # frames per window: 0.2 s at 25 fps
@@ -117,24 +118,9 @@ def load_mel(folder: str | os.PathLike, hp: HParams = hparams, write: bool = Tru
         pass  # no cache yet, or a damaged one: build it
     mel = compute_mel(wav_path, hp)
     if write:
-        save_npy_atomic(mel, cache)
+        with contextlib.suppress(OSError), atomic_path(cache) as tmp:  # not writable: keep it in memory only
+            np.save(tmp, mel)
     return mel
-
-
-def save_npy_atomic(array: np.ndarray, path: Path) -> bool:
-    """np.save to a temporary file beside `path`, then rename; False where the folder is not writable."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
-        return False
 
 
 def mel_length(folder: Path, hp: HParams = hparams) -> int:

@@ -3,8 +3,11 @@ top of each script, and passed down."""
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -13,6 +16,10 @@ import torch
 from errors import UserError
 
 T = TypeVar("T")
+R = TypeVar("R")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap for the next batch
 
 
 def mps_available() -> bool:
@@ -64,3 +71,64 @@ def shard(items: Sequence[T], rank: Rank) -> list[T]:
     """This process's share of `items`: every world_size-th one, from its rank (a stable split, so a
     restarted rank takes the same items)."""
     return list(items[rank.rank :: rank.world_size])
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+class BatchLimit:
+    """The largest batch a network may take on its device: halved after each out-of-memory error.
+
+    Kept for the life of its owner (a model loaded once), since a batch that ran out of memory once will
+    again; shared by the threads that run the network, hence the lock.
+    """
+
+    def __init__(self, size: int, what: str, quiet: bool = False) -> None:
+        self.size, self.what, self.quiet = size, what, quiet
+        self._lock = threading.Lock()
+
+    def halve(self, failed: int) -> None:
+        """After `failed` items ran out of memory: below that (other threads may have halved it already)."""
+        with self._lock:
+            if failed == 1:
+                raise UserError(
+                    f"out of memory running {self.what} on a single frame; use --resize_factor, "
+                    "--det_max_side or --device cpu"
+                )
+            if self.size >= failed:
+                self.size = failed // 2
+                if not self.quiet:
+                    print(f"out of memory in {self.what}: retrying with batches of {self.size}", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def in_chunks(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], limit: BatchLimit, cap: int) -> list[R]:
+    """`fn` over `items` in chunks of at most `cap` and `limit.size`, halving the limit on out-of-memory."""
+    out: list[R] = []
+    while len(out) < len(items):
+        chunk = items[len(out) : len(out) + min(cap, limit.size)]
+        try:
+            out.extend(fn(chunk))
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            limit.halve(len(chunk))
+    return out
+
+
+def tune_cpu_allocator() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS after each batch.
+
+    glibc serves buffers above 128 KiB with mmap and unmaps them on free, so every generator batch
+    page-faults its activations in again: about a third of the original's CPU time. Raising the mmap
+    threshold to glibc's ceiling (32 MiB, above any activation of a 16-frame batch) and the trim threshold
+    lets the heap reuse them. Process-wide, idempotent, and a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

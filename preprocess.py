@@ -11,9 +11,10 @@ For each `<data_root>/<speaker>/<video>.mp4` it writes `<preprocessed_root>/<spe
 - `audio.wav`: 16 kHz mono 16-bit (the original copied the source's rate and channels);
 - `mel.npy`: the mel spectrogram (80 × T float32) the trainers read instead of recomputing it.
 
-The video is read at `--fps` (25): other rates are resampled to it by dropping or repeating frames, as the
-crops' indices and the trainers' audio windows assume 25 fps. Each video is written to a temporary folder
-and renamed when complete, so a rerun skips finished videos and never sees half-written ones. Detection
+The video is read at `hp.fps` (25; `--hparams fps=30` to change it, for the trainers too): other rates are
+resampled to it by dropping or repeating frames, as the crops' indices and the trainers' audio windows
+assume that rate. Each video is written to a temporary folder and renamed when complete, so a rerun skips
+finished videos and never sees half-written ones. Detection
 runs in batches on `--ngpu` GPUs (one process each), or without CUDA on `--cpu_workers` processes.
 Failures (no audio, no face, unreadable video) are listed with their reason in
 `<preprocessed_root>/preprocess_report.json` (`preprocess_report.rank<R>.json` per torchrun rank).
@@ -22,26 +23,38 @@ Failures (no audio, no face, unreadable video) are listed with their reason in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
 
 import audio
+import video
 from data import compute_mel, mel_cache_name
+from devices import Rank, shard, torchrun_rank
 from errors import UserError, run_cli
+from files import check_writable, write_text_atomic
 from hparams import HParams, add_hparams_argument, from_argument, hparams
 
-Detector = object  # anything with get_detections_for_batch(frames_bgr NHWC uint8) -> list[box | None]
+if TYPE_CHECKING:
+    from face_detection import Box
+
+
+class Detector(Protocol):
+    """What preprocess needs of a face detector: face_detection.FaceAlignment, or a fake in tests."""
+
+    def get_detections_for_batch(self, images: np.ndarray) -> list[Box | None]: ...
 
 
 @dataclass
@@ -63,17 +76,12 @@ def list_videos(data_root: str | os.PathLike, pattern: str = "*/*.mp4") -> list[
     return videos
 
 
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """This rank's share: every world_size-th item from `rank`."""
-    return list(items[rank::world_size])
-
-
 def output_folder(vfile: Path, out_root: Path) -> Path:
     """`<out>/<speaker>/<video>`, named as the original: the parent folder and the name up to its first dot."""
     return out_root / vfile.parent.name / vfile.name.split(".")[0]
 
 
-def batched(iterable, size: int):
+def batched(iterable: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in iterable:
         batch.append(item)
@@ -84,51 +92,63 @@ def batched(iterable, size: int):
         yield batch
 
 
-def read_frames(vfile: Path, fps: float):
+def read_frames(vfile: Path, fps: float) -> Iterator[np.ndarray]:
     """Frames of the video as BGR uint8, resampled to `fps` when its rate differs."""
-    import video
-
     rate = video.probe(vfile).fps
     return video.iter_frames(vfile, fps=None if abs(float(rate) - fps) < 1e-3 else fps)
 
 
-def process_video(
-    vfile: Path, out_root: Path, detector: Detector, *, fps: float = 25, batch_size: int = 32, hp: HParams = hparams
-) -> Outcome:
-    """Detect, crop and write one video atomically; an `Outcome` whatever happens."""
-    name = f"{vfile.parent.name}/{vfile.name.split('.')[0]}"
-    final = output_folder(vfile, out_root)
-    if final.is_dir():
-        return Outcome(name, "skipped")
+@contextlib.contextmanager
+def folder_in_progress(final: Path) -> Iterator[Path]:
+    """A new hidden folder beside `final` to fill, renamed to `final` when the block ends normally and
+    deleted when it raises: `files.atomic_path`'s rename, for a whole folder. Folders left by a killed run
+    are deleted first (one process at a time works on a video: ranks and workers take disjoint shares)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        wav = audio.load_wav(vfile, hp.sample_rate)
-        frames = faces = 0
-        for batch in batched(read_frames(vfile, fps), batch_size):
-            boxes = detector.get_detections_for_batch(np.asarray(batch))
-            for j, box in enumerate(boxes):
-                if box is not None:
-                    x1, y1, x2, y2 = box
-                    crop = batch[j][y1:y2, x1:x2]
-                    if crop.size and cv2.imwrite(str(tmp / f"{frames + j}.jpg"), crop):
-                        faces += 1
-            frames += len(batch)
-        if faces == 0:
-            raise UserError(f"no face detected in any of its {frames} frames")
-        audio.save_wav(wav, tmp / "audio.wav", hp.sample_rate)
-        # from the 16-bit file, so the cache equals what the trainers would compute from audio.wav
-        np.save(tmp / mel_cache_name(hp), compute_mel(tmp / "audio.wav", hp))
+        yield tmp
         os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left there after the rename
+
+
+def write_crops(frames: Iterable[np.ndarray], folder: Path, detector: Detector, batch_size: int) -> tuple[int, int]:
+    """`{i}.jpg`, the face box of frame i as detected, for every frame with a face; (frames, faces)."""
+    n_frames = n_faces = 0
+    for batch in batched(frames, batch_size):
+        for j, box in enumerate(detector.get_detections_for_batch(np.asarray(batch))):
+            if box is not None:
+                x1, y1, x2, y2 = box
+                crop = batch[j][y1:y2, x1:x2]
+                if crop.size and cv2.imwrite(str(folder / f"{n_frames + j}.jpg"), crop):
+                    n_faces += 1
+        n_frames += len(batch)
+    if n_faces == 0:
+        raise UserError(f"no face detected in any of its {n_frames} frames")
+    return n_frames, n_faces
+
+
+def process_video(
+    vfile: Path, out_root: Path, detector: Detector, *, batch_size: int = 32, hp: HParams = hparams
+) -> Outcome:
+    """Detect, crop and write one video's folder (frames read at `hp.fps`); an `Outcome` whatever happens."""
+    name = f"{vfile.parent.name}/{vfile.name.split('.')[0]}"
+    final = output_folder(vfile, out_root)
+    if final.is_dir():
+        return Outcome(name, "skipped")
+    try:
+        with folder_in_progress(final) as tmp:
+            wav = audio.load_wav(vfile, hp.sample_rate)  # first: a video without audio fails before detection
+            frames, faces = write_crops(read_frames(vfile, hp.fps), tmp, detector, batch_size)
+            audio.save_wav(wav, tmp / "audio.wav", hp.sample_rate)
+            # from the 16-bit file, so the cache equals what the trainers would compute from audio.wav
+            np.save(tmp / mel_cache_name(hp), compute_mel(tmp / "audio.wav", hp))
         return Outcome(name, "done", frames, faces)
     except (UserError, OSError, ValueError) as e:
         return Outcome(name, "failed", reason=str(e).removeprefix(f"{vfile}: "))
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- worker processes: one detector each, built on first use -----------------------------------------------
@@ -141,7 +161,6 @@ def _worker_job(
     out_root: Path,
     device: str,
     detector_path: str | None,
-    fps: float,
     batch_size: int,
     threads: int,
     hp: HParams,
@@ -152,7 +171,7 @@ def _worker_job(
 
             torch.set_num_threads(threads)  # the CPU workers share the cores instead of each taking all
         _detectors[device] = make_detector(device, detector_path)
-    return process_video(vfile, out_root, _detectors[device], fps=fps, batch_size=batch_size, hp=hp)
+    return process_video(vfile, out_root, _detectors[device], batch_size=batch_size, hp=hp)
 
 
 def check_detector_weights(path: str | None) -> None:
@@ -177,7 +196,6 @@ def run(
     devices: Sequence[str] = ("cpu",),
     detector_path: str | None = None,
     detector_factory: Callable[[str], Detector] | None = None,
-    fps: float = 25,
     batch_size: int = 32,
     progress: bool = True,
     hp: HParams = hparams,
@@ -193,7 +211,7 @@ def run(
     if len(devices) == 1 or detector_factory is not None:
         detector = (detector_factory or (lambda d: make_detector(d, detector_path)))(devices[0])
         for vfile in videos:
-            outcomes.append(process_video(vfile, out_root, detector, fps=fps, batch_size=batch_size, hp=hp))
+            outcomes.append(process_video(vfile, out_root, detector, batch_size=batch_size, hp=hp))
             bar.update(1)
     else:
         import multiprocessing
@@ -201,9 +219,7 @@ def run(
         threads = max(1, (os.cpu_count() or 1) // len(devices))
         with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [
-                pool.submit(
-                    _worker_job, v, out_root, devices[i % len(devices)], detector_path, fps, batch_size, threads, hp
-                )
+                pool.submit(_worker_job, v, out_root, devices[i % len(devices)], detector_path, batch_size, threads, hp)
                 for i, v in enumerate(videos)
             ]
             for future in as_completed(futures):
@@ -227,22 +243,21 @@ def write_filelists(out_root: Path, folder: Path, val_fraction: float = 0.05, se
     random.Random(seed).shuffle(order)
     n_val = max(1 if len(order) >= 2 else 0, round(val_fraction * len(order)))
     val = set(order[:n_val])
-    folder.mkdir(parents=True, exist_ok=True)
     lines = {"train": [], "val": []}
     for s in speakers:
         lines["val" if s in val else "train"] += [f"{s}/{v}" for v in videos[s]]
     for split, entries in lines.items():
-        (folder / f"{split}.txt").write_text("".join(f"{e}\n" for e in entries))
+        write_text_atomic(folder / f"{split}.txt", "".join(f"{e}\n" for e in entries))
     return len(lines["train"]), len(lines["val"])
 
 
-def choose_devices(ngpu: int | None, cpu_workers: int) -> list[str]:
+def choose_devices(ngpu: int | None, cpu_workers: int, rank: Rank) -> list[str]:
     """cuda:0 … cuda:ngpu-1; under torchrun, this rank's GPU; without CUDA, `cpu_workers` CPU processes."""
     import torch
 
     if torch.cuda.is_available() and ngpu != 0:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return [f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"]
+        if rank.distributed:
+            return [str(rank.local_device("cuda"))]
         n = torch.cuda.device_count() if ngpu is None else ngpu
         if n > torch.cuda.device_count():
             raise UserError(f"--ngpu {n}: only {torch.cuda.device_count()} GPU(s) are visible")
@@ -259,7 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ngpu", type=int, default=None, help="GPUs to detect on (default: all visible)")
     parser.add_argument("--cpu_workers", type=int, default=min(4, os.cpu_count() or 1), help="processes without CUDA")
     parser.add_argument("--batch_size", type=int, default=32, help="face detection batch size per device")
-    parser.add_argument("--fps", type=float, default=25, help="frame rate the crops are indexed at")
     parser.add_argument("--pattern", default="*/*.mp4", help="glob of the videos under --data_root")
     parser.add_argument("--detector_path", default=None, help="s3fd.pth (default: face_detection/detection/sfd/)")
     parser.add_argument("--filelist_out", default=None, help="write train.txt and val.txt here, split by speaker")
@@ -269,20 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_report(out_root: Path, rank: Rank, report: dict) -> Path:
+    """The run's summary as JSON: one file per torchrun rank, so ranks never write the same file."""
+    name = f"preprocess_report.rank{rank.rank}.json" if rank.distributed else "preprocess_report.json"
+    write_text_atomic(out_root / name, json.dumps(report, indent=1) + "\n")
+    return out_root / name
+
+
 def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detector] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     hp = from_argument(args.hparams)
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    out_root = Path(args.preprocessed_root)
-    videos = shard(list_videos(args.data_root, args.pattern), rank, world_size)
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_root}: --preprocessed_root cannot be created ({e.strerror})") from None
-    devices = ["cpu"] if detector_factory else choose_devices(args.ngpu, args.cpu_workers)
+    rank = torchrun_rank()
+    videos = shard(list_videos(args.data_root, args.pattern), rank)
+    out_root = check_writable(args.preprocessed_root, "--preprocessed_root")
+    if args.filelist_out and rank.rank == 0:
+        check_writable(args.filelist_out, "--filelist_out")
+    devices = ["cpu"] if detector_factory else choose_devices(args.ngpu, args.cpu_workers, rank)
     if detector_factory is None:
         check_detector_weights(args.detector_path)
-    print(f"preprocessing {len(videos)} videos" + (f" (rank {rank} of {world_size})" if world_size > 1 else "")
+    print(f"preprocessing {len(videos)} videos at {hp.fps} fps"
+          + (f" (rank {rank.rank} of {rank.world_size})" if rank.distributed else "")
           + f" on {len(devices)} worker(s): {', '.join(sorted(set(devices)))}", file=sys.stderr)  # fmt: skip
     start = time.time()
     outcomes = run(
@@ -291,7 +311,6 @@ def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detect
         devices=devices,
         detector_path=args.detector_path,
         detector_factory=detector_factory,
-        fps=args.fps,
         batch_size=args.batch_size,
         progress=not args.no_tqdm,
         hp=hp,
@@ -299,18 +318,17 @@ def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detect
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     report = {
         "data_root": str(args.data_root),
-        "rank": rank,
-        "world_size": world_size,
+        "rank": rank.rank,
+        "world_size": rank.world_size,
         "videos": len(videos),
         **counts,
         "seconds": round(time.time() - start, 1),
         "failures": [{"video": o.video, "reason": o.reason} for o in outcomes if o.status == "failed"],
     }
-    name = "preprocess_report.json" if world_size == 1 else f"preprocess_report.rank{rank}.json"
-    (out_root / name).write_text(json.dumps(report, indent=1) + "\n")
+    path = write_report(out_root, rank, report)
     print(f"{counts['done']} done, {counts['skipped']} already there, {counts['failed']} failed "
-          f"(listed in {out_root / name})", file=sys.stderr)  # fmt: skip
-    if args.filelist_out and rank == 0:
+          f"(listed in {path})", file=sys.stderr)  # fmt: skip
+    if args.filelist_out and rank.rank == 0:
         n_train, n_val = write_filelists(out_root, Path(args.filelist_out), args.val_fraction)
         print(f"wrote {args.filelist_out}/train.txt ({n_train}) and val.txt ({n_val})", file=sys.stderr)
     report["outcomes"] = [asdict(o) for o in outcomes]

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
 from tools.make_synthetic_lrs2 import make_dataset  # noqa: E402

@@ -1,27 +1,23 @@
 """S3FD post-processing speed: the original's per-anchor loop and one-box-at-a-time NMS against ours.
 
 Runs on the test face image (and its mirror) with deterministic weights, on CUDA when present:
-    python bench/face_detection_speed.py [--repeat 3] [--max_side 224]
+    python -m bench.face_detection_speed [--repeat 3] [--max_side 224]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from face_detection.detection.sfd import bbox  # noqa: E402
-from face_detection.detection.sfd.detect import candidates, preprocess  # noqa: E402
-from face_detection.detection.sfd.net_s3fd import s3fd  # noqa: E402
-from tests.detweights import DATA, det_state_dict  # noqa: E402
+from face_detection.detection.sfd import bbox
+from face_detection.detection.sfd.detect import candidates, preprocess
+from face_detection.detection.sfd.net_s3fd import s3fd
+from tools.detweights import DATA, det_state_dict
 
 
 def loop_candidates(outputs: list[torch.Tensor]) -> np.ndarray:

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import video  # noqa: E402
 from audio import save_wav  # noqa: E402
 from bench.inference_speed import synthetic_clip  # noqa: E402
-from tests.detweights import det_state_dict  # noqa: E402
+from tools.detweights import det_state_dict  # noqa: E402
 
 
 def speech_of(seconds: float, path: Path, sr: int = 16000) -> Path:

@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import lipsync  # noqa: E402
 import video  # noqa: E402
 from audio import save_wav  # noqa: E402
 from inference import restart_with_tuned_malloc  # noqa: E402
-from tests.detweights import det_state_dict  # noqa: E402
+from tools.detweights import det_state_dict  # noqa: E402
 
 ORIGINAL_FPS = 10.2  # the original with --box on the 512x512 8 s clip, on the reference machine
 ORIGINAL_PIPELINE = Path(__file__).resolve().parent / "original_pipeline.py"

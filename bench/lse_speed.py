@@ -7,12 +7,9 @@ Deterministic SyncNet weights (no download needed); prints seconds per minute of
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import glob  # noqa: E402
@@ -28,7 +25,7 @@ from devices import select_device  # noqa: E402
 from errors import run_cli  # noqa: E402
 from evaluation import lse, media  # noqa: E402
 from evaluation.syncnet import S, copy_parameters  # noqa: E402
-from tests.detweights import det_state_dict  # noqa: E402
+from tools.detweights import det_state_dict  # noqa: E402
 
 DEFAULT_VIDEO = ROOT / "tests" / "data" / "lse_video.mp4"
 

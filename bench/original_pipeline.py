@@ -1,8 +1,8 @@
 """The original inference.py's way with `--box`, re-created step for step, to time it on this machine.
 
-    python bench/original_pipeline.py --face clip.mp4 --audio speech.wav --box 128 384 128 384 --checkpoint w.pth
+    python -m bench.original_pipeline --face clip.mp4 --audio speech.wav --box 128 384 128 384 --checkpoint w.pth
 
-Not part of the project: a baseline for bench/inference_speed.py, which runs it in a fresh process with
+Not part of the project: a baseline for bench.inference_speed, which runs it in a fresh process with
 glibc's default malloc, as the original ran. The steps and their costs are the original's:
 - every frame read into a list with cv2.VideoCapture, the audio with librosa.load;
 - mel windows of 16 columns, the frames cut to their number;
@@ -12,7 +12,7 @@ glibc's default malloc, as the original ran. The steps and their costs are the o
 - the final `ffmpeg -i audio -i result.avi -strict -2 -q:v 1 out.mp4`, done here with PyAV: the AVI
   decoded and encoded with libx264 at FFmpeg's defaults (preset medium, crf 23; libx264 ignores -q:v)
   and the audio with FFmpeg's AAC encoder, all codecs with FFmpeg's automatic threading.
-The model is loaded before the clock starts (as bench/inference_speed.py does for ours), and so is
+The model is loaded before the clock starts (as bench.inference_speed does for ours), and so is
 librosa's first call (about 3 s of lazy imports and numba compilation the original paid in every run):
 the baseline is, if anything, flattered. The last line printed is the frames/s.
 """
@@ -20,7 +20,6 @@ the baseline is, if anything, flattered. The last line printed is the frames/s.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,11 +30,9 @@ import librosa
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import audio  # noqa: E402
-from checkpoints import load_model  # noqa: E402
-from models import Wav2Lip  # noqa: E402
+import audio
+from checkpoints import load_model
+from models import Wav2Lip
 
 IMG_SIZE = 96
 BATCH_SIZE = 128  # the original's --wav2lip_batch_size

@@ -11,13 +11,9 @@ discriminator's perceptual loss and its own step.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import training  # noqa: E402
 import wav2lip_train  # noqa: E402

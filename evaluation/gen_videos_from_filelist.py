@@ -1,32 +1,30 @@
 """Generate the benchmark videos of a test filelist (Wav2Lip's LRS2/LRS3/LRW protocol).
 
-    python evaluation/gen_videos_from_filelist.py --filelist lrs2.txt --data_root LRS2/main \
+From the repository root:
+
+    python -m evaluation.gen_videos_from_filelist --filelist lrs2.txt --data_root LRS2/main \
         --results_dir results/ --checkpoint_path checkpoints/wav2lip.pth
-    torchrun --nproc_per_node 4 evaluation/gen_videos_from_filelist.py ...   # each rank takes a shard
+    torchrun --nproc_per_node 4 -m evaluation.gen_videos_from_filelist ...   # each rank takes a shard
 
 Each filelist line is `<audio source> <video target>`, paths relative to --data_root without `.mp4`; line i
 becomes `<results_dir>/<i>.mp4`, the lips of the target re-synced to the source's speech. Outputs that
-already exist are skipped, so an interrupted run resumes; pairs the pipeline refuses (no face, too short)
-are reported and skipped, as the original skips them.
+already exist are skipped, so an interrupted run resumes (the video writer renames a file to `<i>.mp4` only
+once it is complete); pairs the pipeline refuses (no face, too short) are reported and skipped, as the
+original skips them.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import os
+from collections.abc import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository, so the script runs from any directory
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from errors import UserError, run_cli  # noqa: E402
-from hparams import HParams, add_hparams_argument, from_argument, hparams  # noqa: E402
+from devices import shard, torchrun_rank
+from errors import UserError, run_cli
+from files import check_writable
+from hparams import HParams, add_hparams_argument, from_argument, hparams
 
 Generate = Callable[[str, str, str], None]  # (face video, audio source, output file)
 
@@ -48,49 +46,37 @@ def read_pairs(filelist: str | os.PathLike, data_root: str | os.PathLike) -> lis
     return pairs
 
 
-def shard(n: int, rank: int, world_size: int) -> list[int]:
-    """Line indices this process generates: every `world_size`-th, starting at `rank`."""
-    return list(range(rank, n, world_size))
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) when run directly."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def lipsync_generator(
-    checkpoint_path: str, device: str | None, detector_path: str | None = None, hp: HParams = hparams, **options
+    checkpoint_path: str, device: str = "auto", detector_path: str | None = None, hp: HParams = hparams, **options
 ) -> Generate:
     """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list."""
     from lipsync import LipSync
 
-    runner = LipSync(checkpoint_path, device=device or "auto", detector_path=detector_path, hp=hp)
+    runner = LipSync(checkpoint_path, device=device, detector_path=detector_path, hp=hp)
     return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 
 def generate_all(
-    pairs: list[tuple[str, str]], results_dir: str | os.PathLike, generate: Generate, indices: list[int]
+    pairs: list[tuple[str, str]], results_dir: str | os.PathLike, generate: Generate, indices: Sequence[int]
 ) -> dict[str, list[int]]:
-    """Generate `indices` of `pairs` into `results_dir/<i>.mp4`; returns done / skipped / failed lines."""
-    os.makedirs(results_dir, exist_ok=True)
+    """Generate `indices` of `pairs` into `results_dir/<i>.mp4`; returns done / skipped / failed lines.
+
+    `generate` must write its output atomically (as `video.VideoWriter` does), so an existing `<i>.mp4`
+    is always a finished one."""
+    results_dir = check_writable(results_dir, "--results_dir")
     report: dict[str, list[int]] = {"done": [], "skipped": [], "failed": []}
     for i in tqdm(indices):
         audio_src, video = pairs[i]
-        out = os.path.join(results_dir, f"{i}.mp4")
-        if os.path.exists(out):
+        out = results_dir / f"{i}.mp4"
+        if out.exists():
             report["skipped"].append(i)
             continue
-        part = os.path.join(results_dir, f".{i}.part.mp4")  # renamed only once complete
         try:
-            generate(video, audio_src, part)
-            os.replace(part, out)
+            generate(video, audio_src, str(out))
             report["done"].append(i)
         except UserError as e:
             tqdm.write(f"line {i + 1}: skipped: {e}")
             report["failed"].append(i)
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
     return report
 
 
@@ -114,24 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pairs = read_pairs(args.filelist, args.data_root)
-    rank, world_size = distributed_rank()
-    device = args.device
-    if device is None and world_size > 1 and "LOCAL_RANK" in os.environ:
-        import torch
-
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    rank = torchrun_rank()
     generate = lipsync_generator(
         args.checkpoint_path,
-        device,
+        str(rank.local_device(args.device or "auto")),  # under torchrun, this rank's own GPU
         args.detector_path,
         from_argument(args.hparams),
         pads=args.pads,
         face_det_batch_size=args.face_det_batch_size,
         wav2lip_batch_size=args.wav2lip_batch_size,
     )
-    report = generate_all(pairs, args.results_dir, generate, shard(len(pairs), rank, world_size))
+    report = generate_all(pairs, args.results_dir, generate, shard(range(len(pairs)), rank))
     print(
-        f"rank {rank}/{world_size}: {len(report['done'])} generated, {len(report['skipped'])} already there, "
+        f"rank {rank.rank}/{rank.world_size}: {len(report['done'])} generated, {len(report['skipped'])} already there, "
         f"{len(report['failed'])} skipped"
     )
 

@@ -1,6 +1,6 @@
 """LSE-D and LSE-C as Wav2Lip's `SyncNetInstance_calc_scores.evaluate` computes them.
 
-Every 5-frame window of the video (0.2 s at 25 fps) and the 20 MFCC columns of the same 0.2 s are
+Every 5-frame window of the video (0.2 s at syncnet_python's 25 fps) and the 20 MFCC columns of the same 0.2 s are
 embedded by SyncNet. For each shift of the audio by -vshift..+vshift frames, the Euclidean distance
 between the two embeddings is averaged over all windows. LSE-D is the smallest of those mean distances
 (lower is better synced), LSE-C the median minus the smallest (higher: a clearer sync peak), and the AV
@@ -13,6 +13,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import python_speech_features
@@ -21,12 +22,14 @@ import torch
 from errors import UserError
 from evaluation import media
 from evaluation.syncnet import S
+from files import atomic_path, check_writable, write_text_atomic
 
 FRAME_SIZE = 224  # SyncNet's input resolution; the original resizes every frame to it
 WINDOW_FRAMES = 5  # frames per lip window
-MFCC_PER_FRAME = 4  # MFCC columns (10 ms hop) per video frame at 25 fps
+MFCC_RATE = 100  # MFCC columns per second: python_speech_features' 10 ms step
+MFCC_PER_FRAME = MFCC_RATE // media.FPS  # 4 columns per video frame
 MFCC_WINDOW = WINDOW_FRAMES * MFCC_PER_FRAME  # 20 columns: the same 0.2 s
-SAMPLES_PER_FRAME = media.SAMPLE_RATE // 25  # 640 audio samples per video frame at 25 fps
+SAMPLES_PER_FRAME = media.SAMPLE_RATE // media.FPS  # 640 audio samples per video frame
 MIN_FRAMES = WINDOW_FRAMES + 1  # the original stops one window early, so 6 frames give one window
 DEFAULT_VSHIFT = 15  # frames of audio shift searched each way (calculate_scores_LRS.py's default)
 DEFAULT_BATCH_SIZE = 20
@@ -114,12 +117,12 @@ def evaluate_clip(
     batch_size: int = DEFAULT_BATCH_SIZE,
     name: str = "<clip>",
 ) -> LSEResult:
-    """LSE of BGR frames [T, 224, 224, 3] at 25 fps and their int16 16 kHz audio."""
+    """LSE of BGR frames [T, 224, 224, 3] at `media.FPS` and their int16 16 kHz audio."""
     n = num_windows(len(frames), len(audio))
     if n < 1:
         raise UserError(
             f"{name}: too short for LSE ({len(frames)} frames, {len(audio) / media.SAMPLE_RATE:.2f} s of "
-            f"audio); it needs at least {MIN_FRAMES} frames at 25 fps with audio as long"
+            f"audio); it needs at least {MIN_FRAMES} frames at {media.FPS} fps with audio as long"
         )
     im_feat, cc_feat = sync_features(model, frames, mfcc(audio), n, batch_size)
     return score_features(im_feat, cc_feat, vshift)
@@ -169,21 +172,26 @@ def average(rows: dict[str, dict]) -> tuple[float, float]:
     )
 
 
-def write_results(rows: dict[str, dict], out: str | os.PathLike) -> None:
-    """Per-video rows keyed by file name, as `.json` (a dict) or `.csv` (name plus the row's fields)."""
-    out = os.fspath(out)
-    if out.lower().endswith(".json"):
-        with open(out, "w") as f:
-            json.dump(rows, f, indent=1)
-    elif out.lower().endswith(".csv"):
-        fields = ["name", *dict.fromkeys(k for r in rows.values() for k in r)]
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fields)
-            writer.writeheader()
-            for name, row in rows.items():
-                writer.writerow({"name": name, **row})
-    else:
+def check_results_path(out: str | os.PathLike) -> None:
+    """Refuse a result file that could not be written before any video is scored, not after."""
+    out = Path(out)
+    if out.suffix.lower() not in (".json", ".csv"):
         raise UserError(f"{out}: unknown result format; name the file *.json or *.csv")
+    check_writable(out.parent, "--out")
+
+
+def write_results(rows: dict[str, dict], out: str | os.PathLike) -> None:
+    """Per-video rows keyed by file name, as `.json` (a dict) or `.csv` (name plus the row's fields);
+    written atomically, so an interrupted run never leaves a truncated result file."""
+    check_results_path(out)
+    if Path(out).suffix.lower() == ".json":
+        write_text_atomic(out, json.dumps(rows, indent=1))
+        return
+    fields = ["name", *dict.fromkeys(k for r in rows.values() for k in r)]
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows({"name": name, **row} for name, row in rows.items())
 
 
 def report(rows: dict[str, dict], out: str | os.PathLike | None = None) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 
 import av
@@ -24,19 +23,10 @@ import video
 from errors import UserError
 
 SAMPLE_RATE = 16000  # Hz, syncnet_python's `-ar 16000`
-DEFAULT_FPS = Fraction(25)  # time base the mjpeg rate control assumes when a stream states no rate
+FPS = 25  # syncnet_python's protocol (`ffmpeg -r 25`): the frame rate its windows and audio slices assume
 
 # The CLI's mjpeg pixel format for each limited-range input (fftools picks the matching J format).
 _FULL_RANGE_OF = {"yuv420p": "yuvj420p", "yuv422p": "yuvj422p", "yuv444p": "yuvj444p"}
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    path: str
-    fps: Fraction
-    width: int
-    height: int
-    has_audio: bool
 
 
 def open_media(path: str | os.PathLike) -> av.container.InputContainer:
@@ -48,15 +38,6 @@ def open_media(path: str | os.PathLike) -> av.container.InputContainer:
         return av.open(path)
     except av.FFmpegError as e:
         raise UserError(f"{path}: FFmpeg cannot read it ({e}); pass a valid video file") from e
-
-
-def probe(path: str | os.PathLike) -> VideoInfo:
-    with open_media(path) as c:
-        if not c.streams.video:
-            raise UserError(f"{os.fspath(path)}: no video stream; pass a video file")
-        v = c.streams.video[0]
-        fps = v.average_rate or v.guessed_rate or DEFAULT_FPS
-        return VideoInfo(os.fspath(path), Fraction(fps), v.width, v.height, bool(c.streams.audio))
 
 
 def decode_frames(path: str | os.PathLike) -> Iterator[av.VideoFrame]:
@@ -157,8 +138,7 @@ def read_frames(path: str | os.PathLike, size: int | None = 224, lossless: bool 
 
     `size` reproduces the original's unconditional `cv2.resize(img, (224, 224))`; None keeps the size.
     """
-    fps = probe(path).fps
-    jpeg = None if lossless else JpegRoundTrip(fps)
+    jpeg = None if lossless else JpegRoundTrip(video.probe(path).fps)
     frames = []
     for frame, orientation in video.with_orientation(decode_frames(path)):
         # the ffmpeg CLI autorotates before its JPEG encode; turned after it, only the 8×8 rounding differs

@@ -27,14 +27,16 @@ import numpy as np
 import torch
 from scipy import signal
 
+import face_detection
 import video
 from errors import UserError
 from evaluation import lse, media
+from face_detection import Box
+from face_detection.detection.sfd import sfd_face
 
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in full-frame pixels
-Detector = Callable[[np.ndarray], list[Sequence[Box]]]  # BGR batch [N, H, W, 3] -> faces per frame
+# BGR batch [N, H, W, 3] -> faces per frame, each a Box or a plain (x1, y1, x2, y2)
+Detector = Callable[[np.ndarray], list[Sequence[Box]]]
 
-FRAME_RATE = 25  # `ffmpeg -r 25` before everything else
 FACEDET_SCALE = 0.25  # frames are shrunk by this before face detection
 CROP_SCALE = 0.40  # the crop extends the box by this fraction of its size
 MIN_TRACK = 100  # a track needs more than this many detections
@@ -53,7 +55,7 @@ DETECT_BATCH = 16  # frames per face-detector call
 @dataclass(frozen=True)
 class Face:
     frame: int
-    bbox: Box
+    bbox: Box  # in full-frame pixels, as floats once scaled back from the shrunk detection frame
 
 
 @dataclass
@@ -72,13 +74,13 @@ class CropPath:
     y: np.ndarray
 
 
-# ---------------------------------------------------------------- 25 fps frames
+# ---------------------------------------------------------------- frames at syncnet_python's 25 fps
 
 
-def retimed_frames(path: str | os.PathLike, fps: int = FRAME_RATE) -> Iterator[np.ndarray]:
+def retimed_frames(path: str | os.PathLike, fps: int = media.FPS) -> Iterator[np.ndarray]:
     """BGR frames at a constant `fps`, like `ffmpeg -r 25`: each frame lands on its nearest output tick
     and fills the ticks up to the next frame's; a frame landing on a tick already taken is dropped."""
-    src_fps = media.probe(path).fps
+    src_fps = video.probe(path).fps
     prev, prev_tick, next_tick = None, -1, 0
     for i, (frame, orientation) in enumerate(video.with_orientation(media.decode_frames(path))):
         t = Fraction(frame.time).limit_denominator(1 << 20) if frame.time is not None else i / src_fps
@@ -141,8 +143,6 @@ def scenes_from_cuts(cuts: Sequence[int], n_frames: int) -> list[tuple[int, int]
 
 def face_alignment_detector(device: str | None = None, path_to_detector: str | None = None) -> Detector:
     """Our S3FD behind the `Detector` interface (best face per frame)."""
-    import face_detection  # heavy: only when real detection is asked for
-
     if path_to_detector is not None:
         check_detector_file(path_to_detector)
     fa = face_detection.FaceAlignment(
@@ -150,15 +150,13 @@ def face_alignment_detector(device: str | None = None, path_to_detector: str | N
     )
 
     def detect(frames: np.ndarray) -> list[Sequence[Box]]:
-        return [[] if b is None else [tuple(map(float, b))] for b in fa.get_detections_for_batch(frames)]
+        return [[] if box is None else [box] for box in fa.get_detections_for_batch(frames)]
 
     return detect
 
 
 def check_detector_file(path: str) -> None:
     """Refuse syncnet_python's `sfd_face.pth` for our S3FD: it is another layout (see `load_detector`)."""
-    from face_detection.detection.sfd import sfd_face
-
     if sfd_face.is_sfd_face(sfd_face.read_weights(path)):
         raise UserError(
             f"{path}: this is syncnet_python's own S3FD (sfd_face.pth), which face_detection's S3FD cannot load; "
@@ -168,13 +166,11 @@ def check_detector_file(path: str) -> None:
 
 def sfd_face_detector(weights: Mapping, device: str | torch.device = "cpu", name: str = "sfd_face.pth") -> Detector:
     """syncnet_python's S3FD behind the `Detector` interface: every face scoring above 0.9."""
-    from face_detection.detection.sfd import sfd_face
-
     net = sfd_face.build_net(weights, device, name)
 
     def detect(frames: np.ndarray) -> list[Sequence[Box]]:
         rgb = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1])).to(device)
-        return [[tuple(map(float, d[:4])) for d in dets] for dets in sfd_face.detect_faces(net, rgb)]
+        return [[Box(*map(float, d[:4])) for d in dets] for dets in sfd_face.detect_faces(net, rgb)]
 
     return detect
 
@@ -185,8 +181,6 @@ def load_detector(path: str | None = None, device: str | None = None) -> tuple[D
     device = device or "cpu"
     if path is None:
         return face_alignment_detector(device), "our S3FD (face_detection, Wav2Lip's s3fd.pth), best face per frame"
-    from face_detection.detection.sfd import sfd_face
-
     weights = sfd_face.read_weights(path)
     if sfd_face.is_sfd_face(weights):
         return sfd_face_detector(weights, device, path), f"syncnet_python's S3FD ({path}), every face above 0.9"
@@ -201,7 +195,7 @@ def detect_faces(frames: np.ndarray, detector: Detector, scale: float, start: in
     small = np.stack([cv2.resize(f, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR) for f in frames])
     sx, sy = frames.shape[2] / small.shape[2], frames.shape[1] / small.shape[1]
     return [
-        [Face(start + i, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)) for box in boxes]
+        [Face(start + i, Box(x1 * sx, y1 * sy, x2 * sx, y2 * sy)) for x1, y1, x2, y2 in boxes]
         for i, boxes in enumerate(detector(small))
     ]
 
@@ -290,10 +284,10 @@ def crop_face(image: np.ndarray, s: float, x: float, y: float, crop_scale: float
 
 @dataclass
 class TrackClip:
-    """One face track ready for LSE: its crops at 25 fps and the audio of the same frames."""
+    """One face track ready for LSE: its crops at `media.FPS` and the audio of the same frames."""
 
     index: int
-    frames: np.ndarray  # frame indices in the 25 fps video
+    frames: np.ndarray  # frame indices in the video retimed to `media.FPS`
     crops: np.ndarray  # BGR uint8 [T, 224, 224, 3]
     audio: np.ndarray  # int16 at 16 kHz
 
@@ -335,7 +329,7 @@ def find_tracks(
 def crop_tracks(
     path: str | os.PathLike, tracks: Sequence[Track], audio: np.ndarray, crop_scale: float = CROP_SCALE
 ) -> list[TrackClip]:
-    """Second pass: each track's crops, and its audio from frame start/25 s to (end+1)/25 s."""
+    """Second pass: each track's crops, and its audio from frame start/25 s to (end+1)/25 s ."""
     paths = [smooth_track(t) for t in tracks]
     crops: list[list[np.ndarray]] = [[] for _ in tracks]
     for n, frame in enumerate(retimed_frames(path)):
@@ -343,7 +337,7 @@ def crop_tracks(
             i = n - int(p.frames[0])
             if 0 <= i < len(p.frames):
                 crops[k].append(crop_face(frame, p.s[i], p.x[i], p.y[i], crop_scale))
-    per_frame = media.SAMPLE_RATE // FRAME_RATE
+    per_frame = lse.SAMPLES_PER_FRAME
     clips = []
     for k, p in enumerate(paths):
         a = audio[int(p.frames[0]) * per_frame : (int(p.frames[-1]) + 1) * per_frame]
@@ -351,7 +345,7 @@ def crop_tracks(
     return clips
 
 
-def jpeg_round_trip(frames_bgr: np.ndarray, fps: int = FRAME_RATE) -> np.ndarray:
+def jpeg_round_trip(frames_bgr: np.ndarray, fps: int = media.FPS) -> np.ndarray:
     """What `evaluate()` sees of a crop video: each frame through FFmpeg's JPEG (default rate control)."""
     import av
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,9 +19,36 @@ from errors import UserError
 from .detection.core import FaceDetector
 from .detection.sfd import SFDDetector
 
-Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels
 Frames = np.ndarray | torch.Tensor | Sequence[np.ndarray]  # [B, H, W, 3] BGR, uint8 from a decoder
 DETECTORS: dict[str, type[FaceDetector]] = {"sfd": SFDDetector}
+
+
+class Box(NamedTuple):
+    """A face box in pixels: the project's one convention, everywhere.
+
+    (x1, y1) is the top-left corner and (x2, y2) the bottom-right one, exclusive: the box covers
+    `frame[y1:y2, x1:x2]`. This is S3FD's order, so detections enter as they are; the original's flags
+    `--box`, `--pads` and `--crop` list (top, bottom, left, right) = (y1, y2, x1, x2), and are converted
+    where they enter, by `from_tblr`.
+    """
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+
+    @classmethod
+    def from_tblr(cls, values: Sequence[int]) -> Box:
+        top, bottom, left, right = values
+        return cls(left, top, right, bottom)
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
 
 
 class LandmarksType(Enum):
@@ -59,8 +87,7 @@ def to_box(row: np.ndarray | None) -> Box | None:
     """The original's rounding: clip at 0 from below only (x2, y2 may pass the frame), then int()."""
     if row is None:
         return None
-    x1, y1, x2, y2 = (int(v) for v in np.clip(row[:4], 0, None))
-    return x1, y1, x2, y2
+    return Box(*(int(v) for v in np.clip(row[:4], 0, None)))
 
 
 class FaceAlignment:
@@ -88,7 +115,6 @@ class FaceAlignment:
             raise UserError(f"face detection: unknown face_detector {face_detector!r}; choose from {sorted(DETECTORS)}")
         if max_side is not None and max_side < 1:
             raise UserError(f"face detection: max_side must be a positive number of pixels, got {max_side}")
-        self.landmarks_type, self.flip_input, self.verbose = landmarks_type, flip_input, verbose
         self.max_side = max_side
         self.face_detector = DETECTORS[face_detector](self.device, path_to_detector=path_to_detector, verbose=verbose)
 
@@ -100,5 +126,3 @@ class FaceAlignment:
         """
         frames_rgb = as_frames(images, self.device).flip(-1)
         return [to_box(row) for row in self.face_detector.best_boxes(frames_rgb, self.max_side)]
-
-    detect_batch = get_detections_for_batch  # the name the streaming pipeline uses

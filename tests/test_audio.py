@@ -9,7 +9,7 @@ import pytest
 
 import audio
 from errors import UserError
-from tests.detweights import DATA, assert_stats, load_golden
+from tools.detweights import DATA, assert_stats, load_golden
 
 GOLDEN = load_golden("audio")
 FILES = {
@@ -138,11 +138,11 @@ def test_zero_length_audio(tmp_path):
         audio.load_wav(empty, 16000)
 
 
-def test_audio_module_imports_without_side_effects():
+def test_audio_module_imports_without_side_effects(repo):
     code = (
         "import sys, audio, hparams; print(sorted(m for m in ('librosa', 'numba', 'scipy.signal') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=DATA.parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert out.returncode == 0 and out.stdout == "[]\n"  # the slow imports stay out of every run
 
 

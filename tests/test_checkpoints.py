@@ -1,5 +1,6 @@
 """Every container the original wrote or read must load, and every wrong file must say what is wrong."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,12 +8,7 @@ import checkpoints
 import models
 from errors import UserError
 from hparams import hparams
-from tests.detweights import det_state_dict
-
-
-@pytest.fixture(scope="module")
-def w2l_weights():
-    return det_state_dict("Wav2Lip")
+from tools.detweights import det_state_dict
 
 
 def original_container(state_dict, prefix=""):
@@ -29,29 +25,30 @@ def same_weights(model, state_dict):
 
 
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_training_container_with_or_without_module_prefix(tmp_path, w2l_weights, prefix):
+def test_training_container_with_or_without_module_prefix(tmp_path, wav2lip_weights, prefix):
     path = tmp_path / "wav2lip.pth"
-    torch.save(original_container(w2l_weights, prefix), path)
+    torch.save(original_container(wav2lip_weights, prefix), path)
     model = checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip")
-    assert same_weights(model, w2l_weights) and not model.training
+    assert same_weights(model, wav2lip_weights) and not model.training
 
 
-def test_legacy_serialization_of_torch_1x(tmp_path, w2l_weights):
+def test_legacy_serialization_of_torch_1x(tmp_path, wav2lip_weights):
     """The released files predate torch 1.6's zip format."""
     path = tmp_path / "legacy.pth"
-    torch.save(original_container(w2l_weights, "module."), path, _use_new_zipfile_serialization=False)
-    assert same_weights(checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip"), w2l_weights)
+    torch.save(original_container(wav2lip_weights, "module."), path, _use_new_zipfile_serialization=False)
+    assert same_weights(checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip"), wav2lip_weights)
 
 
-def test_skeleton_takes_the_checkpoint_tensors_in_the_model_dtype(tmp_path, w2l_weights):
+def test_skeleton_takes_the_checkpoint_tensors_in_the_model_dtype(tmp_path, wav2lip_weights):
     """Built on the meta device, the model ends with real float32 tensors, even from a float16 file."""
     path = tmp_path / "half.pth"
-    torch.save(original_container({k: v.half() if v.is_floating_point() else v for k, v in w2l_weights.items()}), path)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in wav2lip_weights.items()}
+    torch.save(original_container(half), path)
     model = checkpoints.load_model(checkpoints.skeleton(models.Wav2Lip), path, "Wav2Lip")
     tensors = model.state_dict()
     assert not any(t.is_meta for t in tensors.values())
-    assert all(tensors[k].dtype == v.dtype for k, v in w2l_weights.items())
-    assert all(torch.equal(tensors[k], v.half().to(v.dtype)) for k, v in w2l_weights.items() if v.is_floating_point())
+    assert all(tensors[k].dtype == v.dtype for k, v in wav2lip_weights.items())
+    assert all(torch.equal(tensors[k], v.to(tensors[k].dtype)) for k, v in half.items())
 
 
 def test_raw_state_dict(tmp_path):
@@ -71,9 +68,9 @@ def test_wrong_model_names_both(tmp_path):
         checkpoints.load_model(models.Wav2Lip(), tmp_path / "other.pth", "Wav2Lip")
 
 
-def test_truncated_file(tmp_path, w2l_weights):
+def test_truncated_file(tmp_path, wav2lip_weights):
     path = tmp_path / "wav2lip.pth"
-    torch.save(original_container(w2l_weights), path)
+    torch.save(original_container(wav2lip_weights), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"wav2lip\.pth: cannot be read.*truncated"):
@@ -136,16 +133,14 @@ def test_hostile_pickle_is_never_unpickled(tmp_path, capsys):
 
 
 def test_numpy_objects_fall_back_with_a_warning(tmp_path, capsys):
-    import numpy as np
-
     sd = det_state_dict("SyncNet_color")
     torch.save({"state_dict": sd, "extra": np.zeros(3)}, tmp_path / "np.pth")
     assert same_weights(checkpoints.load_model(models.SyncNet_color(), tmp_path / "np.pth", "SyncNet_color"), sd)
     assert "weights_only=True" in capsys.readouterr().err
 
 
-def test_mismatch_names_the_keys(tmp_path, w2l_weights):
-    sd = dict(w2l_weights)
+def test_mismatch_names_the_keys(tmp_path, wav2lip_weights):
+    sd = dict(wav2lip_weights)
     del sd["output_block.1.bias"]
     sd["output_block.1.weight"] = torch.zeros(4, 32, 1, 1)
     torch.save(original_container(sd), tmp_path / "bad.pth")

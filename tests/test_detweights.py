@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tests.detweights import GAINS, det_state_dict, det_value, load_golden, uniform
+from tools.detweights import GAINS, det_state_dict, det_value, load_golden, uniform
 
 CHECK = load_golden("detweights_check")
 

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import cv2
@@ -15,12 +14,11 @@ import torch
 from errors import UserError
 from evaluation import lse, media
 from evaluation.syncnet import S, copy_parameters
-from tests.detweights import DATA, assert_stats, det_state_dict, load_golden
+from tools.detweights import DATA, assert_stats, det_state_dict, load_golden
 
-ROOT = Path(__file__).resolve().parents[1]
 VIDEO = DATA / "lse_video.mp4"
 GOLDEN = load_golden("lse")
-LRS_SCRIPT = ROOT / "evaluation" / "scores_LSE" / "calculate_scores_LRS.py"
+LRS_SCRIPT = "evaluation.scores_LSE.calculate_scores_LRS"
 
 
 def write_video(path, frames_bgr, fps=25, audio=None, sample_rate=16000):
@@ -151,28 +149,36 @@ def test_folder_without_videos(tmp_path):
         lse.list_videos(tmp_path)
 
 
-def run_script(*args):
-    return subprocess.run([sys.executable, str(LRS_SCRIPT), *map(str, args)], capture_output=True, text=True, cwd="/")
+def run_script(repo, *args):
+    """The LRS script as documented: a module run from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", LRS_SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=repo
+    )
 
 
-def test_script_errors_are_one_line(tmp_path):
-    r = run_script("--data_root", tmp_path, "--initial_model", tmp_path / "syncnet_v2.model")
+def test_script_errors_are_one_line(tmp_path, repo):
+    r = run_script(repo, "--data_root", tmp_path, "--initial_model", tmp_path / "syncnet_v2.model")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: {tmp_path}: no .mp4 videos in it; pass the folder holding the generated videos"
     ]
     (tmp_path / "a.mp4").write_bytes(VIDEO.read_bytes())
-    r = run_script("--data_root", tmp_path, "--initial_model", tmp_path / "syncnet_v2.model")
+    r = run_script(repo, "--data_root", tmp_path, "--initial_model", tmp_path / "syncnet_v2.model")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "download_model.sh" in r.stderr
+    # a result file that could not be written is refused before any scoring, not after it
+    r = run_script(repo, "--data_root", tmp_path, "--out", tmp_path / "scores.txt")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'scores.txt'}: unknown result format; name the file *.json or *.csv"
+    ]
 
 
-def test_script_writes_results(tmp_path):
+def test_script_writes_results(tmp_path, repo):
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "a.mp4").write_bytes(VIDEO.read_bytes())
     torch.save(det_state_dict("syncnet_python_S"), tmp_path / "s.model")
     out = tmp_path / "results.json"
     r = run_script(
-        "--data_root", tmp_path / "videos", "--initial_model", tmp_path / "s.model", "--lossless", "--out", out
+        repo, "--data_root", tmp_path / "videos", "--initial_model", tmp_path / "s.model", "--lossless", "--out", out
     )
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["a.mp4"]
@@ -180,3 +186,13 @@ def test_script_writes_results(tmp_path):
     assert row["offset"] == g["offset"] and row["lse_d"] == pytest.approx(g["LSE_D_min_dist"], rel=1e-4)
     assert f"Average Confidence: {row['lse_c']}" in r.stdout
     assert f"Average Minimum Distance: {row['lse_d']}" in r.stdout
+
+
+def test_results_as_csv_and_json(tmp_path):
+    rows = {"a.mp4": {"offset": 1, "lse_d": 7.5, "lse_c": 2.0}, "b.mp4": {"offset": None, "note": "no track"}}
+    lse.write_results(rows, tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines == ["name,offset,lse_d,lse_c,note", "a.mp4,1,7.5,2.0,", "b.mp4,,,,no track"]
+    lse.write_results(rows, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no temporary file left

@@ -1,6 +1,6 @@
 """syncnet_python's S3FD (`sfd_face.pth`) on our network: key mapping, trunk options, multi-face detection.
 
-No pretrained file: the weights are deterministic (tests/detweights.py) in syncnet_python's layout, checked
+No pretrained file: the weights are deterministic (tools/detweights.py) in syncnet_python's layout, checked
 against a replica of its `S3FDNet` (flat `vgg` list, dilated fc6, ceil-mode pool3) and of its `detect_faces`
 post-processing, both rebuilt here from their description.
 """
@@ -22,9 +22,9 @@ from errors import UserError
 from evaluation import tracking
 from face_detection.detection.sfd import sfd_face
 from face_detection.detection.sfd.net_s3fd import L2Norm, s3fd
-from tests.detweights import DATA, det_value
+from tools.detweights import DATA, det_value
 
-SCRIPT = DATA.parents[1] / "evaluation" / "scores_LSE" / "calculate_scores_real_videos.py"
+SCRIPT = "evaluation.scores_LSE.calculate_scores_real_videos"
 GAIN = 3.0  # as for Wav2Lip's s3fd goldens
 
 # syncnet_python's S3FDNet: (module, c_in, c_out, kernel) of every conv; `vgg` indices count ReLUs and pools.
@@ -235,13 +235,13 @@ def test_wrong_sfd_face_file_is_one_line(tmp_path):
         tracking.load_detector(str(tmp_path / "sfd_face.pth"))
 
 
-def test_script_missing_facedet_model_is_one_line(tmp_path):
+def test_script_missing_facedet_model_is_one_line(tmp_path, repo):
     missing = tmp_path / "sfd_face.pth"
     r = subprocess.run(
-        [sys.executable, str(SCRIPT), "--videofile", str(DATA / "lse_video.mp4"), "--facedet_model", str(missing)],
+        [sys.executable, "-m", SCRIPT, "--videofile", str(DATA / "lse_video.mp4"), "--facedet_model", str(missing)],
         capture_output=True,
         text=True,
-        cwd="/",
+        cwd=repo,
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()

@@ -5,7 +5,7 @@ import torch
 
 from errors import UserError
 from evaluation.syncnet import S, copy_parameters, load_syncnet
-from tests.detweights import assert_stats, det_state_dict, formula_input, load_golden, load_spec
+from tools.detweights import assert_stats, det_state_dict, formula_input, load_golden, load_spec
 
 GOLDEN = load_golden("syncnet_python")
 

@@ -20,7 +20,7 @@ from face_detection.api import to_box
 from face_detection.detection.sfd import bbox, default_weights_path, load_net, sfd_detector
 from face_detection.detection.sfd.detect import batch_detect
 from face_detection.detection.sfd.net_s3fd import HEADS, s3fd
-from tests.detweights import DATA, assert_stats, det_state_dict, formula_input, load_golden, load_spec
+from tools.detweights import DATA, assert_stats, det_state_dict, formula_input, load_golden, load_spec
 
 GOLDEN = load_golden("s3fd")
 PIPELINE = GOLDEN["pipeline"]
@@ -49,11 +49,6 @@ def shifted_face_bias(delta: float) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    return save_weights(tmp_path_factory.mktemp("sfd") / "s3fd.pth", det_weights())
-
-
-@pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return cv2.imread(str(DATA / "face_320x448.png"))
 
@@ -64,7 +59,7 @@ def batch(image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def golden_run(weights, batch) -> tuple[list, torch.Tensor]:
+def golden_run(s3fd_weights, batch) -> tuple[list, torch.Tensor]:
     """The golden call, once: its results and the candidates [2, N, 5] it worked from."""
     seen = []
 
@@ -73,7 +68,7 @@ def golden_run(weights, batch) -> tuple[list, torch.Tensor]:
         return seen[-1]
 
     fa = face_detection.FaceAlignment(
-        face_detection.LandmarksType._2D, flip_input=False, device="cpu", path_to_detector=weights
+        face_detection.LandmarksType._2D, flip_input=False, device="cpu", path_to_detector=s3fd_weights
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sfd_detector, "batch_detect", spy)
@@ -108,6 +103,16 @@ def test_raw_forward_matches_golden(raw_outputs, i, name, record_property):
 
 def test_pipeline_gives_golden_boxes(golden_run):
     assert golden_run[0] == [tuple(r) for r in PIPELINE["results"]]
+    assert all(type(box) is face_detection.Box for box in golden_run[0])
+
+
+def test_box_is_x1_y1_x2_y2():
+    """S3FD's order enters as it is (clipped at 0 from below only, truncated); the original's flags are t, b, l, r."""
+    box = to_box(np.array([-3.5, 10.9, 200.2, 300.7, 0.99], np.float32))
+    assert box == (0, 10, 200, 300) and (box.x1, box.y1, box.x2, box.y2) == (0, 10, 200, 300)
+    assert (box.width, box.height) == (200, 290)
+    assert face_detection.Box.from_tblr([10, 300, 0, 200]) == box
+    assert to_box(None) is None
 
 
 @pytest.mark.parametrize("b", [0, 1])
@@ -143,10 +148,10 @@ def reference_candidates(outputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows, dim=1)
 
 
-def test_vectorised_candidates_equal_the_per_anchor_loop(weights, image):
+def test_vectorised_candidates_equal_the_per_anchor_loop(s3fd_weights, image):
     """Candidates where ANY frame passes 0.05, duplicates and order included, on two unlike frames."""
     frames = torch.from_numpy(np.stack([image[300:396, 200:264], np.zeros((96, 64, 3), np.uint8)])).flip(-1)
-    net = load_net(weights)
+    net = load_net(s3fd_weights)
     got = batch_detect(net, frames)
     with torch.no_grad():
         outputs = net(frames.permute(0, 3, 1, 2).float() - torch.tensor([104.0, 117.0, 123.0]).view(1, 3, 1, 1))
@@ -155,16 +160,16 @@ def test_vectorised_candidates_equal_the_per_anchor_loop(weights, image):
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # bit-identical
 
 
-def test_tensor_input_and_batch_of_one(weights, image):
-    fa = face_detection.FaceAlignment(device="cpu", path_to_detector=weights)
+def test_tensor_input_and_batch_of_one(s3fd_weights, image):
+    fa = face_detection.FaceAlignment(device="cpu", path_to_detector=s3fd_weights)
     # The top box does not depend on the other frames of the batch once it scores above 0.05.
-    assert fa.detect_batch(torch.from_numpy(image[:, ::-1].copy())[None]) == [tuple(PIPELINE["results"][1])]
+    assert fa.get_detections_for_batch(torch.from_numpy(image[:, ::-1].copy())[None]) == [tuple(PIPELINE["results"][1])]
 
 
-def test_max_side_maps_boxes_back(weights, image):
+def test_max_side_maps_boxes_back(s3fd_weights, image):
     """A 2x (pixel-repeated) frame shrunk back to 448 px sees the original pixels; boxes come back doubled."""
     big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
-    fa = face_detection.FaceAlignment(device="cpu", path_to_detector=weights, max_side=448)
+    fa = face_detection.FaceAlignment(device="cpu", path_to_detector=s3fd_weights, max_side=448)
     (got,) = fa.get_detections_for_batch(big[None])
     want = tuple(int(2 * v) for v in PIPELINE["per_image_intermediates"][0]["top5_after_nms"][0][:4])
     assert got == want
@@ -223,10 +228,9 @@ def test_nms_of_nothing():
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def test_default_weights_path_is_in_the_package():
-    assert (
-        default_weights_path() == (DATA.parent.parent / "face_detection" / "detection" / "sfd" / "s3fd.pth").resolve()
-    )
+def test_default_weights_path_is_in_the_package(repo, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # not the working directory's
+    assert default_weights_path() == repo / "face_detection" / "detection" / "sfd" / "s3fd.pth"
 
 
 def test_missing_file(tmp_path):
@@ -238,11 +242,11 @@ def test_missing_file(tmp_path):
     assert "path_to_detector" in message and "README" in message and "\n" not in message
 
 
-def bad_file(tmp_path, weights, kind: str) -> str:
+def bad_file(tmp_path: Path, s3fd_weights: Path, kind: str) -> str:
     """A file that is not usable S3FD weights, of the given kind."""
     path = tmp_path / "s3fd.pth"
     if kind in ("truncated", "garbage", "empty"):
-        data = Path(weights).read_bytes()
+        data = s3fd_weights.read_bytes()
         path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a checkpoint", "empty": b""}[kind])
         return str(path)
     sd = dict(det_weights())
@@ -262,8 +266,8 @@ def bad_file(tmp_path, weights, kind: str) -> str:
 @pytest.mark.parametrize(
     "kind", ["truncated", "garbage", "empty", "other-model", "missing-key", "extra-key", "wrong-shape", "not-a-dict"]
 )
-def test_bad_file_is_a_user_error(tmp_path, weights, kind):
-    path = bad_file(tmp_path, weights, kind)
+def test_bad_file_is_a_user_error(tmp_path, s3fd_weights, kind):
+    path = bad_file(tmp_path, s3fd_weights, kind)
     with pytest.raises(UserError, match="s3fd|S3FD") as e:
         load_net(path)
     assert path in str(e.value) and "\n" not in str(e.value)
@@ -274,22 +278,22 @@ def test_half_precision_file_loads_as_float32(tmp_path):
     assert {p.dtype for p in load_net(path).parameters()} == {torch.float32}
 
 
-def test_detector_is_built_once_per_file_and_device(tmp_path, weights):
-    a = face_detection.FaceAlignment(device="cpu", path_to_detector=weights)
-    b = face_detection.FaceAlignment(device=torch.device("cpu"), path_to_detector=weights)
+def test_detector_is_built_once_per_file_and_device(tmp_path, s3fd_weights):
+    a = face_detection.FaceAlignment(device="cpu", path_to_detector=s3fd_weights)
+    b = face_detection.FaceAlignment(device=torch.device("cpu"), path_to_detector=s3fd_weights)
     assert a.face_detector.face_detector is b.face_detector.face_detector
     other = save_weights(tmp_path / "s3fd.pth", shifted_face_bias(1.0))
     assert load_net(other) is not a.face_detector.face_detector
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_cuda_is_a_user_error(weights):
+def test_cuda_without_cuda_is_a_user_error(s3fd_weights, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, even on a GPU one
     with pytest.raises(UserError, match="CUDA"):
-        face_detection.FaceAlignment(device="cuda", path_to_detector=weights)
+        face_detection.FaceAlignment(device="cuda", path_to_detector=s3fd_weights)
 
 
-def test_bad_arguments_are_user_errors(weights):
+def test_bad_arguments_are_user_errors(s3fd_weights):
     with pytest.raises(UserError, match="face_detector"):
-        face_detection.FaceAlignment(device="cpu", face_detector="dlib", path_to_detector=weights)
+        face_detection.FaceAlignment(device="cpu", face_detector="dlib", path_to_detector=s3fd_weights)
     with pytest.raises(UserError, match="max_side"):
-        face_detection.FaceAlignment(device="cpu", path_to_detector=weights, max_side=0)
+        face_detection.FaceAlignment(device="cpu", path_to_detector=s3fd_weights, max_side=0)

@@ -1,9 +1,12 @@
 """Every original hyperparameter keeps its name and default; --hparams overrides are typed and checked."""
 
+import subprocess
+import sys
+
 import pytest
 
 from errors import UserError
-from hparams import HParams, hparams
+from hparams import HParams, from_argument, hparams
 
 ORIGINAL = dict(
     num_mels=80, rescale=True, rescaling_max=0.9, use_lws=False, n_fft=800, hop_size=200, win_size=800,
@@ -46,20 +49,13 @@ def test_frozen():
     assert HParams().hop_length() == 200
 
 
-def test_config_file_and_every_script_takes_hparams(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from hparams import from_argument
-
+def test_config_file_and_every_script_takes_hparams(tmp_path, repo):
     cfg = tmp_path / "tiny.txt"
     cfg.write_text("# a comment\nbatch_size=2\nfps=30  # trailing comment\n")
     hp = from_argument(f"@{cfg}")
     assert (hp.batch_size, hp.fps) == (2, 30)
     with pytest.raises(UserError, match="config file not found"):
         from_argument(f"@{tmp_path / 'nope.txt'}")
-    repo = Path(__file__).resolve().parent.parent
     for script in ("inference.py", "preprocess.py", "color_syncnet_train.py", "wav2lip_train.py"):
         out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=repo)
         assert "--hparams" in out.stdout, script

@@ -15,9 +15,9 @@ import torch
 import inference
 import lipsync
 from errors import UserError, run_cli
-from tests.detweights import det_state_dict
-from tests.test_lipsync import FakeDetector, checkpoint  # noqa: F401 - the session fixture
+from tests.test_lipsync import FakeDetector
 from tests.test_video import read_output, write_empty_video, write_video, write_wav
+from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 BOX = ["--box", "20", "100", "30", "120"]  # inside the 160x128 test frames
@@ -56,7 +56,7 @@ def args(ckpt, face, speech, outfile, *extra) -> list:
 
 
 BAD_INPUTS = {
-    # case: (face, audio, checkpoint, extra flags, words the message must hold)
+    # case: (face, audio, wav2lip_checkpoint, extra flags, words the message must hold)
     "missing face": ("missing.mp4", "speech", None, BOX, "not found"),
     "face is a folder": ("dir", "speech", None, BOX, "not found"),
     "face not media": ("text", "speech", None, BOX, "neither a video nor an image"),
@@ -65,8 +65,8 @@ BAD_INPUTS = {
     "audio not media": ("video", "text", None, BOX, "cannot be decoded as audio"),
     "audio without audio stream": ("video", "video", None, BOX, "no audio stream"),
     "zero-length audio": ("video", "empty_wav", None, BOX, "empty"),
-    "wrong-model checkpoint": ("video", "speech", "wrong", BOX, "s3fd"),
-    "missing checkpoint": ("video", "speech", "missing.pth", BOX, "not found"),
+    "wrong-model wav2lip_checkpoint": ("video", "speech", "wrong", BOX, "s3fd"),
+    "missing wav2lip_checkpoint": ("video", "speech", "missing.pth", BOX, "not found"),
     "missing s3fd.pth": ("video", "speech", None, ["--detector_path", "nowhere/s3fd.pth"], "s3fd"),
     "box out of frame": ("video", "speech", None, ["--box", "0", "500", "0", "100"], "--box"),
     "crop out of frame": ("video", "speech", None, [*BOX, "--crop", "0", "-1", "170", "-1"], "--crop"),
@@ -76,10 +76,10 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_error(case, media, checkpoint, capsys, tmp_path):  # noqa: F811
+def test_bad_input_one_line_error(case, media, wav2lip_checkpoint, capsys, tmp_path):
     face, speech, ckpt, extra, words = BAD_INPUTS[case]
     face, speech = (media.get(x, media["dir"] / x) for x in (face, speech))
-    ckpt = media.get(ckpt, media["dir"] / ckpt) if ckpt else checkpoint
+    ckpt = media.get(ckpt, media["dir"] / ckpt) if ckpt else wav2lip_checkpoint
     out = tmp_path / "out" / "result.mp4"
     code, err = cli(args(ckpt, face, speech, out, *extra), capsys)
     assert code == 2
@@ -88,23 +88,23 @@ def test_bad_input_one_line_error(case, media, checkpoint, capsys, tmp_path):  #
     assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
 
 
-def test_unwritable_output_folder(media, checkpoint, capsys, tmp_path):  # noqa: F811
+def test_unwritable_output_folder(media, wav2lip_checkpoint, capsys, tmp_path):
     blocker = tmp_path / "a file"
     blocker.write_text("x")
-    code, err = cli(args(checkpoint, media["video"], media["speech"], blocker / "out.mp4", *BOX), capsys)
+    code, err = cli(args(wav2lip_checkpoint, media["video"], media["speech"], blocker / "out.mp4", *BOX), capsys)
     assert code == 2 and err.startswith("error: ") and "cannot write" in err and len(err.strip().splitlines()) == 1
 
 
-def test_pads_making_an_empty_box(media, checkpoint, tmp_path):  # noqa: F811
-    sync = lipsync.LipSync(checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+def test_pads_making_an_empty_box(media, wav2lip_checkpoint, tmp_path):
+    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
     out = tmp_path / "out.mp4"
     with pytest.raises(UserError, match="--pads -80 0 0 0 leave an empty face box"):
         sync(media["video"], media["speech"], out, pads=[-80, 0, 0, 0], quiet=True)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failure_mid_run_leaves_no_output(media, checkpoint, tmp_path):  # noqa: F811
-    sync = lipsync.LipSync(checkpoint, "cpu", quiet=True)
+def test_failure_mid_run_leaves_no_output(media, wav2lip_checkpoint, tmp_path):
+    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", quiet=True)
     out = tmp_path / "out.mp4"
 
     def explode(i, frame):
@@ -125,13 +125,13 @@ def test_static_flag_forms():
     assert parser.parse_args([*base, "--static", "False"]).static is False
 
 
-def test_command_line_from_another_folder(media, checkpoint, tmp_path):  # noqa: F811
+def test_command_line_from_another_folder(media, wav2lip_checkpoint, tmp_path):
     """A real process, started elsewhere: output where asked, summary printed, no temp/ left around."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     out = tmp_path / "my results" / "clip.v2.mp4"
     speech = write_wav(tmp_path / "long speech.wav", 0.8)
-    cmd = [sys.executable, REPO / "inference.py", "--checkpoint_path", checkpoint, "--face", media["video"],
+    cmd = [sys.executable, REPO / "inference.py", "--checkpoint_path", wav2lip_checkpoint, "--face", media["video"],
            "--audio", speech, "--outfile", out, *BOX, "--static", "True"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ""}
     done = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
@@ -141,17 +141,17 @@ def test_command_line_from_another_folder(media, checkpoint, tmp_path):  # noqa:
     assert len(frames) == 20 and seconds_v == pytest.approx(0.8) and seconds_a == pytest.approx(0.8, abs=0.03)
     assert list(cwd.iterdir()) == [] and sorted(p.name for p in out.parent.iterdir()) == ["clip.v2.mp4"]
     missing = subprocess.run(
-        [sys.executable, str(REPO / "inference.py"), "--checkpoint_path", str(checkpoint), "--face", "nope.mp4",
+        [sys.executable, str(REPO / "inference.py"), "--checkpoint_path", str(wav2lip_checkpoint), "--face", "nope.mp4",
          "--audio", str(speech)], cwd=cwd, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("error: nope.mp4")
 
 
-def test_audio_track_of_video_is_muxed(media, checkpoint, tmp_path):  # noqa: F811
+def test_audio_track_of_video_is_muxed(media, wav2lip_checkpoint, tmp_path):
     with av.open(str(media["video"])) as c:
         assert not c.streams.audio  # the face video is silent; the output carries the speech
     out = tmp_path / "o.mp4"
-    summary = lipsync.lipsync(media["video"], media["speech"], checkpoint, out, device="cpu", box=[20, 100, 30, 120],
+    summary = lipsync.lipsync(media["video"], media["speech"], wav2lip_checkpoint, out, device="cpu", box=[20, 100, 30, 120],
                               quiet=True)  # fmt: skip
     assert summary.frames == 10 and read_output(out)[0][0].dtype == np.uint8

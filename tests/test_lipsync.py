@@ -16,12 +16,17 @@ import pytest
 import torch
 
 import audio
+import devices
+import face_boxes
+import frames
+import generation
 import lipsync
+import streams
 import video
 from errors import UserError
+from face_detection import Box
 from hparams import hparams
 from models import Wav2Lip
-from tests.detweights import det_state_dict
 from tests.test_video import FACE_COLOR, face_frame, read_output, write_video, write_wav
 
 FPS = 25
@@ -47,15 +52,8 @@ def face_rect(frame: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "wav2lip_det.pth"
-    torch.save({"state_dict": det_state_dict("Wav2Lip"), "optimizer": None, "global_step": 0, "global_epoch": 0}, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def sync(checkpoint) -> lipsync.LipSync:
-    return lipsync.LipSync(checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+def sync(wav2lip_checkpoint) -> lipsync.LipSync:
+    return lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +96,9 @@ def original_mel_chunks(mel: np.ndarray, fps: float) -> list[np.ndarray]:
         i += 1
 
 
-def original_output(frames, speech_path, checkpoint, pads=(0, 10, 0, 0)) -> list[np.ndarray]:
+def original_output(frames, speech_path, wav2lip_checkpoint, pads=(0, 10, 0, 0)) -> list[np.ndarray]:
     model = Wav2Lip()
-    model.load_state_dict(torch.load(checkpoint)["state_dict"])
+    model.load_state_dict(torch.load(wav2lip_checkpoint)["state_dict"])
     model.eval()
     results = []
     pady1, pady2, padx1, padx2 = pads
@@ -136,11 +134,11 @@ def original_output(frames, speech_path, checkpoint, pads=(0, 10, 0, 0)) -> list
 # --- end to end ----------------------------------------------------------------------------------------
 
 
-def test_faithful_mouth_region(sync, clip, checkpoint, tmp_path):
+def test_faithful_mouth_region(sync, clip, wav2lip_checkpoint, tmp_path):
     out = tmp_path / "out.mp4"
     summary, frames = run(sync, clip["video"], clip["speech"], out)
     inputs = list(video.iter_frames(clip["video"]))
-    expected = original_output(inputs, clip["speech"], checkpoint)
+    expected = original_output(inputs, clip["speech"], wav2lip_checkpoint)
     assert len(expected) == 9  # the original stops short of the 12 frames 0.48 s need
     assert summary.frames == len(frames) == 12
     for got, want in zip(frames, expected, strict=False):
@@ -230,9 +228,9 @@ def test_feather_blend(sync, clip, tmp_path):
     assert np.abs(feathered[0][centre].astype(int) - pasted[0][centre]).max() <= 1  # the mouth is generated
 
 
-def test_detection_cache_and_det_every(checkpoint, clip, tmp_path):
+def test_detection_cache_and_det_every(wav2lip_checkpoint, clip, tmp_path):
     detector = FakeDetector()
-    sync = lipsync.LipSync(checkpoint, "cpu", detector=detector, quiet=True)
+    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
     cache = tmp_path / "cache"
     first, frames1 = run(sync, clip["video"], clip["speech"], tmp_path / "1.mp4", cache_dir=cache)
     assert detector.frames_seen == 12 and len(list(cache.iterdir())) == 1
@@ -246,21 +244,21 @@ def test_detection_cache_and_det_every(checkpoint, clip, tmp_path):
     assert detector.frames_seen == 12 + 4  # frames 0, 5, 10 and the last one
 
 
-def test_det_every_detects_around_a_keyframe_without_face(checkpoint, tmp_path):
+def test_det_every_detects_around_a_keyframe_without_face(wav2lip_checkpoint, tmp_path):
     detector = FakeDetector()
-    sync = lipsync.LipSync(checkpoint, "cpu", detector=detector, quiet=True)
+    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
     clip_path = write_video(tmp_path / "gap.mp4", 12, faceless=frozenset({5, 6}))
     summary, _ = run(sync, clip_path, write_wav(tmp_path / "s.wav", 0.48), tmp_path / "out.mp4", det_every=5)
     # keyframes 0, 5, 10, 11; keyframe 5 has no face, so frames 1-4 and 6-9 are detected one by one
     assert detector.frames_seen == 4 + 8
     assert summary.missing == 2 and summary.missing_ranges == [pytest.approx((0.2, 0.28))]
-    assert lipsync.frames_near_misses({0: (0, 0, 1, 1), 3: None, 6: (0, 0, 1, 1), 9: (0, 0, 1, 1)}) == [1, 2, 4, 5]
+    assert face_boxes.frames_near_misses({0: (0, 0, 1, 1), 3: None, 6: (0, 0, 1, 1), 9: (0, 0, 1, 1)}) == [1, 2, 4, 5]
 
 
-def test_api_function(checkpoint, clip, tmp_path, monkeypatch):
+def test_api_function(wav2lip_checkpoint, clip, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     summary = lipsync.lipsync(
-        clip["video"], clip["speech"], checkpoint, device="cpu", box=[20, 100, 30, 120], quiet=True
+        clip["video"], clip["speech"], wav2lip_checkpoint, device="cpu", box=[20, 100, 30, 120], quiet=True
     )
     assert summary.outfile == Path("results/result_voice.mp4") and (tmp_path / summary.outfile).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temp/ folder
@@ -274,44 +272,44 @@ def test_smoothing_is_the_original():
     for n in (1, 3, 5, 9, 23):
         rects = rng.integers(0, 300, size=(n, 4))
         want = original_smoothing(rects.copy(), 5)
-        assert np.array_equal(lipsync.smoothen(rects, 5), want)
-        assert lipsync.smooth_runs([tuple(r) for r in rects]) == [tuple(r) for r in want]
-    runs = lipsync.smooth_runs([(0, 0, 10, 10), None, (2, 2, 12, 12), (4, 4, 14, 14)])
+        assert np.array_equal(face_boxes.smoothen(rects, 5), want)
+        assert face_boxes.smooth_runs([tuple(r) for r in rects]) == [tuple(r) for r in want]
+    runs = face_boxes.smooth_runs([(0, 0, 10, 10), None, (2, 2, 12, 12), (4, 4, 14, 14)])
     assert runs == [(0, 0, 10, 10), None, (3, 3, 13, 13), (3, 3, 13, 13)]
 
 
 def test_mel_starts_extend_the_original():
     mel = np.zeros((80, 641), np.float32)  # 8 s at 16 kHz
     original = original_mel_chunks(mel, 25)
-    starts = lipsync.mel_starts(641, 25, 200)
+    starts = audio.frame_mel_starts(641, 25, 200)
     assert len(original) == 197 and len(starts) == 200
     assert starts[:197] == audio.mel_chunk_starts(641, 25) and starts[197:] == [625] * 3
-    windows = lipsync.mel_windows(np.arange(80 * 641, dtype=np.float32).reshape(80, 641), starts[:3])
+    windows = audio.mel_windows(np.arange(80 * 641, dtype=np.float32).reshape(80, 641), starts[:3])
     assert windows.shape == (3, 1, 80, 16)
 
 
 def test_box_helpers():
-    assert lipsync.pad_and_clip((10, 20, 50, 60), (0, 10, 0, 0), (65, 100, 3)) == (10, 20, 50, 65)
-    assert lipsync.fill_from_last([None, (1, 1, 2, 2), None, (3, 3, 4, 4)]) == [(1, 1, 2, 2)] * 3 + [(3, 3, 4, 4)]
-    boxes = lipsync.interpolate({0: (0, 0, 10, 10), 4: (4, 8, 14, 18), 6: None, 7: (0, 0, 1, 1)}, 8)
+    assert face_boxes.pad_and_clip(Box(10, 20, 50, 60), (0, 10, 0, 0), (65, 100, 3)) == Box(10, 20, 50, 65)
+    assert face_boxes.fill_from_last([None, (1, 1, 2, 2), None, (3, 3, 4, 4)]) == [(1, 1, 2, 2)] * 3 + [(3, 3, 4, 4)]
+    boxes = face_boxes.interpolate({0: (0, 0, 10, 10), 4: (4, 8, 14, 18), 6: None, 7: (0, 0, 1, 1)}, 8)
     assert boxes[:5] == [(0, 0, 10, 10), (1, 2, 11, 12), (2, 4, 12, 14), (3, 6, 13, 16), (4, 8, 14, 18)]
     assert boxes[5:] == [None, None, (0, 0, 1, 1)]
     assert lipsync.missing_ranges([False, True, True, False, True], 25) == [(0.04, 0.12), (0.16, 0.2)]
     with pytest.raises(UserError, match="--box"):
-        lipsync.check_region((0, 200, 0, 50), (128, 160, 3), "--box")
-    assert lipsync.check_region((0, -1, 10, -1), (128, 160, 3), "--crop") == (0, 128, 10, 160)
+        frames.check_region((0, 200, 0, 50), (128, 160, 3), "--box")
+    assert frames.check_region((0, -1, 10, -1), (128, 160, 3), "--crop") == Box(x1=10, y1=0, x2=160, y2=128)
 
 
 def test_generator_inputs_are_the_originals():
     faces = np.random.default_rng(1).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
     mels = np.zeros((2, 1, 80, 16), np.float32)
-    _, got = lipsync.generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
+    _, got = generation.generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
     masked = faces.copy()
     masked[:, hparams.img_size // 2 :] = 0
     want = torch.FloatTensor(np.transpose(np.concatenate((masked, faces), axis=3) / 255.0, (0, 3, 1, 2)))
     assert torch.equal(got, want)
     pred = torch.tensor([[[[0.9999]], [[0.5]], [[0.0]]]])
-    assert lipsync.to_uint8(pred).ravel().tolist() == [254, 127, 0]  # truncation, not rounding
+    assert generation.to_uint8(pred).ravel().tolist() == [254, 127, 0]  # truncation, not rounding
 
 
 def test_background_stage_propagates_errors():
@@ -319,12 +317,12 @@ def test_background_stage_propagates_errors():
         yield 1
         raise ValueError("stage failed")
 
-    it = lipsync.background(stage())
+    it = streams.background(stage())
     assert next(it) == 1
     with pytest.raises(ValueError, match="stage failed"):
         next(it)
-    assert list(lipsync.background(range(5))) == [0, 1, 2, 3, 4]
-    early = lipsync.background(iter(range(1000)))
+    assert list(streams.background(range(5))) == [0, 1, 2, 3, 4]
+    early = streams.background(iter(range(1000)))
     assert next(early) == 0
     early.close()  # stops the producing thread
 
@@ -348,7 +346,7 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_restores_threads():
         return i * i
 
     out = []
-    for result in lipsync.ordered_map(slow, items(), workers=3, threads=1):
+    for result in streams.ordered_map(slow, items(), workers=3, threads=1):
         with lock:
             assert len(started) - len(out) <= 3 + 1  # never more than workers + 1 pulled ahead of the consumer
         out.append(result)
@@ -361,16 +359,19 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_restores_threads():
         return i
 
     with pytest.raises(ValueError, match="batch 4 failed"):
-        list(lipsync.ordered_map(failing, range(10), workers=2, threads=1))
+        list(streams.ordered_map(failing, range(10), workers=2, threads=1))
     assert torch.get_num_threads() == main_threads
 
 
 def test_cpu_generator_runs_batches_side_by_side(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert lipsync.generator_workers(torch.device("cpu")) == (2, 1)
+    assert generation.generator_workers(torch.device("cpu")) == (2, 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert lipsync.generator_workers(torch.device("cpu")) == (lipsync.CPU_WORKERS_MAX, 16 // lipsync.CPU_WORKERS_MAX)
-    assert lipsync.generator_workers(torch.device("cuda"))[0] == 1
+    assert generation.generator_workers(torch.device("cpu")) == (
+        generation.CPU_WORKERS_MAX,
+        16 // generation.CPU_WORKERS_MAX,
+    )
+    assert generation.generator_workers(torch.device("cuda"))[0] == 1
 
 
 @pytest.mark.parametrize(
@@ -378,11 +379,11 @@ def test_cpu_generator_runs_batches_side_by_side(monkeypatch):
 )
 def test_batches_end_together_on_every_worker(n, batch_size, workers):
     """200 frames on 2 workers: 14 batches of 14-15 frames, not 12 of 16 and a last one of 8 run alone."""
-    sizes = lipsync.batch_sizes(n, batch_size, workers)
+    sizes = generation.batch_sizes(n, batch_size, workers)
     assert sum(sizes) == n and max(sizes) <= batch_size and max(sizes) - min(sizes) <= 1
     assert len(sizes) % workers == 0 or len(sizes) == n < workers
     assert len(sizes) == -(-n // (batch_size * workers)) * workers or len(sizes) == n
-    assert lipsync.batch_sizes(0, batch_size, workers) == []
+    assert generation.batch_sizes(0, batch_size, workers) == []
 
 
 def test_oom_halves_the_batch(capsys):
@@ -394,7 +395,11 @@ def test_oom_halves_the_batch(capsys):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return list(chunk)
 
-    batcher = lipsync.Batcher(fn, 8, "the generator", quiet=False)
-    assert batcher(list(range(7))) == list(range(7))
-    assert batcher.size == 2 and calls[:3] == [7, 4, 2]
-    assert "retrying with batches of 2" in capsys.readouterr().err
+    limit = devices.BatchLimit(1 << 30, "the generator", quiet=False)
+    assert devices.in_chunks(fn, list(range(7)), limit, cap=8) == list(range(7))
+    assert limit.size == 1 and calls[:3] == [7, 3, 1]  # a failed chunk of n is retried as n // 2
+    assert "retrying with batches of 1" in capsys.readouterr().err
+    limit.halve(8)  # another thread failing at a size already halved below changes nothing
+    assert limit.size == 1
+    with pytest.raises(UserError, match="single frame"):
+        limit.halve(1)

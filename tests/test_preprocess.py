@@ -80,12 +80,18 @@ def test_missed_faces_leave_gaps_named_by_frame_index(raw, tmp_path):
     assert 3 not in names and 4 not in names and {2, 5, 29} <= names
 
 
-def test_other_frame_rates_are_resampled_to_25(tmp_path):
+def test_other_frame_rates_are_resampled_to_hparams_fps(tmp_path):
     clip = make_clip(30, np.random.default_rng(0), (120, 150, 200))  # 30 frames…
     vfile = tmp_path / "in" / "spk" / "v.mp4"
     write_mp4(vfile, clip.frames, clip.wav, fps=50)  # …at 50 fps: 0.6 s
-    outcome = preprocess.process_video(vfile, tmp_path / "out", FakeDetector(), fps=25)
-    assert outcome.status == "done" and outcome.frames == 15
+    outcome = preprocess.process_video(vfile, tmp_path / "out", FakeDetector())
+    assert outcome.status == "done" and outcome.frames == 15  # hp.fps = 25
+    report = preprocess.main(
+        ["--data_root", str(tmp_path / "in"), "--preprocessed_root", str(tmp_path / "out10"), "--no_tqdm",
+         "--hparams", "fps=10"],
+        detector_factory=lambda device: FakeDetector(),
+    )  # fmt: skip
+    assert report["outcomes"][0]["frames"] == 6  # 0.6 s at --hparams fps=10
 
 
 def test_failures_are_reported_not_fatal(raw, tmp_path):

@@ -1,25 +1,21 @@
 """LSE-D / LSE-C of every generated video in a folder (Wav2Lip's LRS2/LRS3/LRW protocol).
 
-python evaluation/scores_LSE/calculate_scores_LRS.py --data_root results/ --initial_model syncnet_v2.model
+From the repository root:
+
+    python -m evaluation.scores_LSE.calculate_scores_LRS --data_root results/ --initial_model syncnet_v2.model
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository, so the script runs from any directory
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from devices import select_device  # noqa: E402
-from errors import run_cli  # noqa: E402
-from evaluation import lse  # noqa: E402
-from evaluation.syncnet import load_syncnet  # noqa: E402
+from devices import select_device
+from errors import run_cli
+from evaluation import lse
+from evaluation.syncnet import S, load_syncnet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def score_folder(model, videos: list[str], vshift: int, batch_size: int, lossless: bool) -> dict[str, dict]:
+def score_folder(model: S, videos: list[str], vshift: int, batch_size: int, lossless: bool) -> dict[str, dict]:
     """Score each video, showing the running averages as the original's progress bar does."""
     rows: dict[str, dict] = {}
     bar = tqdm(videos)
@@ -48,6 +44,8 @@ def score_folder(model, videos: list[str], vshift: int, batch_size: int, lossles
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     videos = lse.list_videos(args.data_root)
+    if args.out:
+        lse.check_results_path(args.out)
     model = load_syncnet(args.initial_model, select_device(args.device or "auto"))
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
     lse.report(rows, args.out)

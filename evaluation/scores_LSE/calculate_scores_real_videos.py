@@ -1,6 +1,8 @@
 """LSE-D / LSE-C of real videos: syncnet_python's face-track pipeline, then LSE per face track.
 
-    python evaluation/scores_LSE/calculate_scores_real_videos.py --data_root videos/ --initial_model syncnet_v2.model
+From the repository root:
+
+    python -m evaluation.scores_LSE.calculate_scores_real_videos --data_root videos/ --initial_model syncnet_v2.model
 
 Replaces Wav2Lip's `calculate_scores_real_videos.sh` (run_pipeline.py + calculate_scores_real_videos.py);
 prints "<LSE-D> <LSE-C>" per track as the original does, then the averages over all tracks.
@@ -8,21 +10,15 @@ prints "<LSE-D> <LSE-C>" per track as the original does, then the averages over 
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository, so the script runs from any directory
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tqdm import tqdm
 
-import argparse  # noqa: E402
-
-from tqdm import tqdm  # noqa: E402
-
-from devices import select_device  # noqa: E402
-from errors import UserError, run_cli  # noqa: E402
-from evaluation import lse, tracking  # noqa: E402
-from evaluation.syncnet import load_syncnet  # noqa: E402
+from devices import select_device
+from errors import UserError, run_cli
+from evaluation import lse, tracking
+from evaluation.syncnet import S, load_syncnet
 
 NO_TRACK = "no track long enough"
 
@@ -52,7 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def score_videos(model, videos, detector, opts, vshift, batch_size, lossless) -> dict[str, dict]:
+def score_videos(
+    model: S,
+    videos: list[str],
+    detector: tracking.Detector,
+    opts: tracking.PipelineOptions,
+    vshift: int,
+    batch_size: int,
+    lossless: bool,
+) -> dict[str, dict]:
     """Rows keyed `<video>/track<k>`; a video without a usable track gets one row saying so."""
     rows: dict[str, dict] = {}
     for path in tqdm(videos):
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.videofile and not Path(args.videofile).is_file():
         raise UserError(f"{args.videofile}: no such video file; check --videofile")
     videos = [args.videofile] if args.videofile else lse.list_videos(args.data_root)
+    if args.out:
+        lse.check_results_path(args.out)
     device = select_device(args.device or "auto")
     detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
     print(f"face detector: {detector_name}")

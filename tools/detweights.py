@@ -1,7 +1,8 @@
-"""Deterministic weights and formula inputs of the golden vectors (tests/data/golden/README).
+"""Deterministic weights and formula inputs of the golden vectors (tests/data/golden/*.json).
 
 The goldens were computed by the original code with weights that depend only on each state-dict key and
-shape, so our modules can be checked against them without any pretrained file.
+shape, so our modules can be checked against them without any pretrained file. Tests and benches both
+use these weights, so the module lives in tools/ and no bench imports a test module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"  # the goldens and test media live with the tests
 GOLDEN = DATA / "golden"
 SPEC = DATA / "spec"
 

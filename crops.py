@@ -1,0 +1,61 @@
+"""The crop and paste stages: the face box of a frame to the generator's square crop, and back.
+
+Both are the original's: the box is cut out and resized to `img_size`² (cv2's default INTER_LINEAR); the
+generated face is resized back to the box and pasted over it. `feather` is our opt-in alternative to
+the hard paste: it blends only the lower half of the face, fading to the frame at the crop's edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from face_detection import Box
+
+if TYPE_CHECKING:
+    from generation import Batch
+
+FEATHER_FRACTION = 12  # feather margin = img_size / 12 (8 px of the 96×96 face)
+
+
+def crop_faces(frames: Sequence[np.ndarray], boxes: Sequence[Box | None], img_size: int) -> np.ndarray:
+    """(n, S, S, 3) uint8 crops of the frames that have a box, in order."""
+    crops = [cv2.resize(f[b.y1 : b.y2, b.x1 : b.x2], (img_size, img_size))
+             for f, b in zip(frames, boxes, strict=True) if b is not None]  # fmt: skip
+    return np.stack(crops) if crops else np.zeros((0, img_size, img_size, 3), np.uint8)
+
+
+def feather_mask(img_size: int) -> np.ndarray:
+    """(S, S) float32 weights of the generated face: 1 over the lower face, fading to exactly 0 at the
+    crop's edges and above its middle (a Gaussian of radius `margin` over a rectangle inset by it)."""
+    margin = max(1, img_size // FEATHER_FRACTION)
+    hard = np.zeros((img_size, img_size), np.float32)
+    hard[img_size // 2 + margin : img_size - margin, margin : img_size - margin] = 1.0
+    kernel = 2 * margin + 1
+    return cv2.GaussianBlur(hard, (kernel, kernel), sigmaX=margin / 4, borderType=cv2.BORDER_CONSTANT)
+
+
+def paste(frame: np.ndarray, box: Box, face: np.ndarray, mask: np.ndarray | None) -> None:
+    """Put a generated face back into its box in place, resized as the original; blended by `mask` if given."""
+    patch = cv2.resize(face, (box.width, box.height))
+    if mask is None:
+        frame[box.y1 : box.y2, box.x1 : box.x2] = patch
+        return
+    weight = cv2.resize(mask, (box.width, box.height))[..., None]
+    region = frame[box.y1 : box.y2, box.x1 : box.x2].astype(np.float32)
+    frame[box.y1 : box.y2, box.x1 : box.x2] = np.rint(region + (patch.astype(np.float32) - region) * weight).astype(
+        np.uint8
+    )
+
+
+def paste_batches(batches: Iterable[Batch], mask: np.ndarray | None) -> Iterator[tuple[np.ndarray, bool]]:
+    """The paste stage: each generated face back into its frame; yields (frame, had a face) in order."""
+    for batch in batches:
+        faces = iter(batch.generated)
+        for frame, box in zip(batch.frames, batch.boxes, strict=True):
+            if box is not None:
+                paste(frame, box, next(faces), mask)
+            yield frame, box is not None

@@ -1,0 +1,89 @@
+"""The decode stage: the face input as a stream of prepared frames.
+
+A video is decoded on a constant timeline at its average rate (`video.iter_frames`), then each frame is
+prepared as the original prepared it: shrunk by `resize_factor`, turned by `rotate`, cropped by `crop`.
+Nothing is kept between frames; the source is re-readable (each `iter()` decodes from the start), which
+is how a video shorter than the speech loops forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from fractions import Fraction
+
+import cv2
+import numpy as np
+
+import video
+from errors import UserError
+from face_detection import Box
+from options import Options
+
+
+def region(values: Sequence[int], shape: tuple[int, ...]) -> Box:
+    """(top, bottom, left, right) with the original's -1 meaning "to the edge" resolved for `shape`."""
+    top, bottom, left, right = values
+    return Box(left, top, shape[1] if right == -1 else right, shape[0] if bottom == -1 else bottom)
+
+
+def check_region(values: Sequence[int], shape: tuple[int, ...], flag: str) -> Box:
+    """`region`, which must be a non-empty part of a frame of `shape`; `flag` names the option for the error."""
+    box = region(values, shape)
+    if not (0 <= box.y1 < box.y2 <= shape[0] and 0 <= box.x1 < box.x2 <= shape[1]):
+        raise UserError(
+            f"{flag} {' '.join(map(str, values))} (top bottom left right) is not a non-empty region inside "
+            f"the {shape[1]}x{shape[0]} frame; choose values within it"
+        )
+    return box
+
+
+def prepare_frame(frame: np.ndarray, resize_factor: int, rotate: bool, crop: Box | None) -> np.ndarray:
+    """The original's per-frame preparation, in its order: shrink, turn right by 90°, crop."""
+    if resize_factor > 1:
+        frame = cv2.resize(frame, (frame.shape[1] // resize_factor, frame.shape[0] // resize_factor))
+    if rotate:
+        frame = cv2.rotate(frame, cv2.ROTATE_90_CLOCKWISE)
+    return frame if crop is None else frame[crop.y1 : crop.y2, crop.x1 : crop.x2]
+
+
+class FrameSource:
+    """Re-readable stream of prepared frames of the face input; knows its shape and rate up front."""
+
+    def __init__(self, info: video.VideoInfo, opts: Options, image_fps: float) -> None:
+        self.info, self.opts = info, opts
+        self.rate = None if info.is_image else info.fps  # constant timeline at the average rate
+        self.fps = float(opts.fps or image_fps) if info.is_image else float(info.fps)
+        self.static = opts.static or info.is_image
+        raw = next(video.iter_frames(info.path, fps=self.rate))
+        shrunk = prepare_frame(raw, opts.resize_factor, opts.rotate, None).shape
+        self.crop = check_region(opts.crop, shrunk, "--crop")
+        self.shape = prepare_frame(raw, opts.resize_factor, opts.rotate, self.crop).shape
+
+    @property
+    def writer_fps(self) -> float | Fraction:
+        """The output's rate: exactly the video's own (a fraction such as 30000/1001), or the image's."""
+        return self.fps if self.info.is_image else self.info.fps
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for frame in video.iter_frames(self.info.path, fps=self.rate):
+            yield prepare_frame(frame, self.opts.resize_factor, self.opts.rotate, self.crop)
+
+
+def loop_frames(source: Iterable[np.ndarray], n: int, static: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(video index, frame) for `n` output frames: the first frame over and over if `static`, else the
+    video looping forward (re-read from the start) as the original's `i % len(frames)`."""
+    if static:
+        first = next(iter(source))
+        for _ in range(n):
+            yield 0, first.copy()
+        return
+    produced = 0
+    while produced < n:
+        index = 0
+        for index, frame in enumerate(source):  # noqa: B007 - a fresh read of the video each lap
+            if produced == n:
+                return
+            yield index, frame
+            produced += 1
+        if index == 0 and produced == 0:
+            raise UserError("the face video yielded no frames")

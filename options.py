@@ -1,0 +1,149 @@
+"""The inference options, declared once.
+
+Each option is a field of `Options` (what may change from one clip to the next) or of `ModelOptions`
+(what is loaded once and shared by every clip): its name, type, default, help and choices stand here and
+nowhere else. The command lines (`inference.py`, `evaluation/gen_videos_from_filelist.py`) build their
+parsers from these fields with `add_arguments`, and the Python API (`lipsync.LipSync(...)(**options)`)
+checks its keyword arguments by constructing `Options`, so a default or a check can never differ between
+the two. Defaults reproduce the original inference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from errors import UserError
+
+DEFAULT_OUTFILE = "results/result_voice.mp4"
+UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
+NO_FACE_CHOICES = ("keep", "last", "error")
+BLEND_CHOICES = ("paste", "feather")
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+REGION_FIELDS = ("pads", "crop", "box")  # four integers: top, bottom, left, right
+
+
+def option(default: object, help: str, *, choices: Iterable[str] | None = None, legacy_bool: bool = False):
+    """A field with its command-line help; `legacy_bool` also accepts `--flag True` (the original's `type=bool`)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "legacy_bool": legacy_bool}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to lip-sync one clip. Constructing it checks every value (a `UserError` naming the flag)."""
+
+    static: bool = option(False, "use only the first video frame (an image always is)", legacy_bool=True)
+    fps: float | None = option(None, "frame rate for an image input (default: hparams' fps, 25)")
+    pads: tuple[int, ...] = option(
+        (0, 10, 0, 0), "padding of the face box (top, bottom, left, right); include the chin at least"
+    )
+    face_det_batch_size: int = option(16, "batch size for face detection")
+    wav2lip_batch_size: int | None = option(
+        None, "batch size for the generator (default: 128 on a GPU, 16 on a CPU, where it is faster)"
+    )
+    resize_factor: int = option(1, "shrink the frames by this factor first (480p or 720p often give the best results)")
+    crop: tuple[int, ...] = option(
+        (0, -1, 0, -1), "crop the frames (top, bottom, left, right) after --resize_factor and --rotate; -1: the edge"
+    )
+    box: tuple[int, ...] = option(
+        UNSET_REGION, "a constant face box (top, bottom, left, right) instead of face detection"
+    )
+    rotate: bool = option(False, "turn the frames right by 90 degrees")
+    nosmooth: bool = option(False, "do not smooth the face boxes over 5 frames")
+    no_face: str = option(
+        "keep", "frames without a face: keep them unchanged (default), reuse the last box, or stop",
+        choices=NO_FACE_CHOICES,
+    )  # fmt: skip
+    det_max_side: int | None = option(
+        None, "detect faces on frames shrunk to this longest side (e.g. 640); faster on large videos"
+    )
+    det_every: int = option(1, "detect on every K-th frame only, interpolating the boxes in between")
+    cache_dir: str | None = option(None, "cache face boxes here, keyed by the video's content")
+    blend: str = option(
+        "paste", "paste the generated face (original) or feather its lower half into the frame", choices=BLEND_CHOICES
+    )
+    quiet: bool = option(False, "no progress bars and no summary")
+
+    def __post_init__(self) -> None:
+        for name in REGION_FIELDS:
+            values = tuple(getattr(self, name))
+            if len(values) != 4:
+                raise UserError(f"--{name} takes 4 integers (top, bottom, left, right), got {list(values)}")
+            object.__setattr__(self, name, values)
+        for f in dataclasses.fields(self):
+            allowed = f.metadata["choices"]
+            if allowed and getattr(self, f.name) not in allowed:
+                raise UserError(f"--{f.name} {getattr(self, f.name)}: choose one of {', '.join(allowed)}")
+        for name in ("resize_factor", "det_every", "face_det_batch_size", "wav2lip_batch_size", "det_max_side", "fps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"--{name} must be positive, got {value}")
+
+    @property
+    def fixed_box(self) -> bool:
+        return self.box != UNSET_REGION
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What is loaded once for many clips: the networks, on one device."""
+
+    checkpoint_path: str = option(None, "Wav2Lip checkpoint (wav2lip.pth / wav2lip_gan.pth)")
+    device: str = option("auto", "auto: cuda, then mps, then cpu", choices=DEVICE_CHOICES)
+    fp16: bool = option(False, "run the networks in float16 (CUDA only)")
+    detector_path: str | None = option(None, "S3FD weights (default: face_detection/detection/sfd/s3fd.pth)")
+
+
+def str2bool(text: str) -> bool:
+    """`--static True` from old command lines (the original's `type=bool`)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _argument(f: dataclasses.Field, hint: object, default: object) -> dict:
+    """argparse keywords for one field, from its type hint."""
+    kwargs: dict = {"default": default, "help": f.metadata["help"]}
+    if hint is bool:
+        return kwargs | ({"nargs": "?", "const": True, "type": str2bool} if f.metadata["legacy_bool"] else
+                         {"action": "store_true"})  # fmt: skip
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if isinstance(hint, types.UnionType) else hint
+    if typing.get_origin(base) is tuple:
+        return kwargs | {"nargs": "+", "type": typing.get_args(base)[0], "default": list(default)}
+    if f.metadata["choices"]:
+        kwargs["choices"] = f.metadata["choices"]
+    return kwargs | {"type": base}
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type = Options,
+    *,
+    only: Iterable[str] | None = None,
+    defaults: Mapping[str, object] | None = None,
+    required: Iterable[str] = (),
+) -> None:
+    """Add `--name` for each field of `cls` (or those in `only`), with `defaults` overriding the declared ones."""
+    hints = typing.get_type_hints(cls)
+    wanted = None if only is None else set(only)
+    for f in dataclasses.fields(cls):
+        if wanted is not None and f.name not in wanted:
+            continue
+        kwargs = _argument(f, hints[f.name], (defaults or {}).get(f.name, f.default))
+        if f.name in required:
+            kwargs |= {"required": True, "default": None}
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def from_namespace(cls: type, namespace: argparse.Namespace) -> dict:
+    """The values of `cls`'s fields present in a parsed namespace, as keyword arguments."""
+    values = vars(namespace)
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}

@@ -1,0 +1,89 @@
+"""Running stages side by side: a stage on a thread of its own, or a function over a stream on several.
+
+Decoding, the networks and encoding all release the GIL, so stages on different threads overlap. Both
+helpers keep only a few items in flight, so memory stays bounded whatever the length of the stream; an
+exception in a thread is raised again in the consumer, and a consumer that stops early stops the threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+QUEUE_DEPTH = 1  # items waiting between two threads
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def background(items: Iterable[T], depth: int = QUEUE_DEPTH) -> Iterator[T]:
+    """Run the stage `items` on a thread of its own, handing its items over through a queue of `depth`."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        iterator = iter(items)
+        try:
+            for item in iterator:
+                if not put(item):
+                    break
+            else:
+                put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_Failure(e))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not _DONE:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads: int) -> Iterator[R]:
+    """`map(fn, items)` on `workers` threads with `threads` torch threads each, results in order.
+
+    At most workers + 1 items are in flight.
+    """
+    main_threads = torch.get_num_threads()
+    pending: collections.deque[Future] = collections.deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="stage", initializer=torch.set_num_threads,
+                              initargs=(threads,))  # fmt: skip
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(main_threads)  # new threads start from the last value set, the workers'

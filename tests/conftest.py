@@ -1,0 +1,45 @@
+"""Fixtures shared by several test files; each is small and documented in one line.
+
+The deterministic weights come from tools/detweights.py (shared with bench/); the goldens and test media
+live in tests/data.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.detweights import det_state_dict
+
+REPO = Path(__file__).resolve().parent.parent  # the repository root, where the scripts live
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository root: the working directory of a script run as a subprocess."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def wav2lip_weights() -> OrderedDict[str, torch.Tensor]:
+    """The deterministic Wav2Lip state dict, built once: copy it before changing it."""
+    return det_state_dict("Wav2Lip")
+
+
+@pytest.fixture(scope="session")
+def wav2lip_checkpoint(tmp_path_factory, wav2lip_weights) -> Path:
+    """A Wav2Lip checkpoint file of the deterministic weights, in the original training container."""
+    path = tmp_path_factory.mktemp("wav2lip") / "wav2lip_det.pth"
+    torch.save({"state_dict": wav2lip_weights, "optimizer": None, "global_step": 0, "global_epoch": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3fd_weights(tmp_path_factory) -> Path:
+    """An S3FD weights file (a raw state dict, as the released s3fd.pth) of the deterministic weights."""
+    path = tmp_path_factory.mktemp("s3fd") / "s3fd.pth"
+    torch.save(det_state_dict("s3fd"), path)
+    return path
