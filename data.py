@@ -258,7 +258,7 @@ class LRS2Windows(Dataset):
             self.bad.add(folder)
             print(f"warning: {folder}: skipped ({error})", file=sys.stderr)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         """Sample `index`; one whose files cannot be read is replaced by the next readable window."""
         for attempt in range(MAX_RETRIES):
             video, start = self.locate((index + attempt * 7919) % len(self))  # 7919: hop to another video
@@ -273,7 +273,7 @@ class LRS2Windows(Dataset):
             f"{MAX_RETRIES} samples tried all failed; check the dataset under {self.videos[0].folder.parent.parent}"
         )
 
-    def sample(self, video: Video, start: int):
+    def sample(self, video: Video, start: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     # -- reading --
@@ -309,7 +309,7 @@ class SyncDataset(LRS2Windows):
         super().__init__(*args, **kwargs)
         self.neg_min_offset = neg_min_offset
 
-    def sample(self, video: Video, start: int):
+    def sample(self, video: Video, start: int) -> tuple[torch.Tensor, ...]:
         if random.random() < 0.5:
             y, chosen = 1.0, start
         else:
@@ -335,7 +335,7 @@ class Wav2LipDataset(LRS2Windows):
 
     segmented = True
 
-    def sample(self, video: Video, start: int):
+    def sample(self, video: Video, start: int) -> tuple[torch.Tensor, ...]:
         wrong = self.other_window(video, start)
         window = self.read_window(video.folder, start)
         wrong_window = self.read_window(video.folder, wrong)

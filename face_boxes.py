@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import video
 from devices import BatchLimit, in_chunks
@@ -29,6 +28,7 @@ from face_detection import Box
 from files import write_text_atomic
 from frames import FrameSource, check_region
 from options import Options
+from streams import Report, progress
 
 SMOOTH_WINDOW = 5  # frames averaged by the original's get_smoothened_boxes
 CACHE_VERSION = 2  # boxes stored as x1, y1, x2, y2 since version 1
@@ -160,10 +160,6 @@ def read_cache(path: Path) -> list[Box | None] | None:
         return None
 
 
-def progress(frames: Iterable, total: int | None, desc: str, quiet: bool) -> Iterable:
-    return tqdm(frames, total=total, desc=desc, unit="frame", disable=quiet, file=sys.stderr)
-
-
 class FaceBoxes:
     """The detect + smooth stage for one detector, loaded on first use (a run with `--box` never needs it).
 
@@ -177,21 +173,25 @@ class FaceBoxes:
         self.detectors: dict[int | None, object] = {}
         self.limit = BatchLimit(1 << 30, "face detection", quiet)
 
-    def __call__(self, source: FrameSource, opts: Options, n_out: int) -> list[Box | None]:
+    def __call__(
+        self, source: FrameSource, opts: Options, n_out: int, report: Report | None = None
+    ) -> list[Box | None]:
         """One box or None per frame of the video (a single box for a static face or `--box`)."""
         if opts.fixed_box:
             if not opts.quiet:
                 print("Using the specified bounding box instead of face detection...", file=sys.stderr)
             return [check_region(opts.box, source.shape, "--box")]
         n_needed = 1 if source.static else n_out
-        raw = self.detect(source, opts, n_needed)[:n_needed]
+        raw = self.detect(source, opts, n_needed, report)[:n_needed]
         boxes = [None if b is None else pad_and_clip(b, opts.pads, source.shape) for b in raw]
         check_boxes(boxes, raw, opts, source)
         if opts.no_face == "last":
             boxes = fill_from_last(boxes)
         return boxes if opts.nosmooth else smooth_runs(boxes)
 
-    def detect(self, source: FrameSource, opts: Options, n_needed: int) -> list[Box | None]:
+    def detect(
+        self, source: FrameSource, opts: Options, n_needed: int, report: Report | None = None
+    ) -> list[Box | None]:
         """Raw detections for (at least) the first `n_needed` frames, from the cache when it has them."""
         cache = cache_path(opts, source, self.weights) if opts.cache_dir else None
         if cache is not None and (boxes := read_cache(cache)) is not None:
@@ -206,12 +206,12 @@ class FaceBoxes:
 
         limit = None if cache is not None and not source.static else n_needed  # a cache entry: the whole video
         total = min(n for n in (limit, source.info.n_frames) if n is not None)
-        frames = progress(itertools.islice(source, limit), total, "detect faces", opts.quiet)
+        frames = progress(itertools.islice(source, limit), total, "detect faces", opts.quiet, report)
         keyframes, n = detect_keyframes(frames, detect, opts.det_every, opts.face_det_batch_size)
         if near_misses := frames_near_misses(keyframes):
             wanted = set(near_misses)
             again = (frame for i, frame in enumerate(itertools.islice(source, n)) if i in wanted)
-            again = progress(again, len(near_misses), "detect faces near misses", opts.quiet)
+            again = progress(again, len(near_misses), "detect faces near misses", opts.quiet, report)
             found, _ = detect_keyframes(again, detect, 1, opts.face_det_batch_size)
             keyframes.update(zip(near_misses, (found[k] for k in range(len(near_misses))), strict=True))
         boxes = interpolate(keyframes, n)

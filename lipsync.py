@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import audio
 import video
@@ -44,7 +43,7 @@ from frames import FrameSource, loop_frames
 from generation import Generator, batch_sizes, generator_workers, make_batches
 from hparams import HParams, hparams
 from options import DEFAULT_OUTFILE, Options
-from streams import background
+from streams import Report, background, progress
 
 OnFrame = Callable[[int, np.ndarray], None]
 
@@ -86,11 +85,12 @@ def missing_ranges(missing: Sequence[bool], fps: float) -> list[tuple[float, flo
     return ranges
 
 
-def encode(frames: Iterable[tuple[np.ndarray, bool]], writer: video.VideoWriter, on_frame: OnFrame | None,
-           quiet: bool, total: int) -> list[bool]:  # fmt: skip
+def encode(
+    frames: Iterable[tuple[np.ndarray, bool]], writer: video.VideoWriter, on_frame: OnFrame | None
+) -> list[bool]:
     """The encode stage: every frame into `writer`; returns, per frame, whether it lacked a face."""
     missing = []
-    for frame, has_face in tqdm(frames, total=total, desc="lip-sync", unit="frame", disable=quiet, file=sys.stderr):
+    for frame, has_face in frames:
         if on_frame is not None:
             on_frame(writer.n_frames, frame)
         missing.append(not has_face)
@@ -149,12 +149,15 @@ class LipSync:
         outfile: str | Path = DEFAULT_OUTFILE,
         *,
         on_frame: OnFrame | None = None,
+        on_progress: Report | None = None,
         **options,
     ) -> Summary:
         """Lip-sync `face` (video or image) to the speech of `audio_path` into `outfile`.
 
         `options` are the fields of `options.Options`. `on_frame(i, frame_bgr)` sees every output frame
-        before it is encoded (the exact pixels, for tests and previews).
+        before it is encoded (the exact pixels, for tests and previews). `on_progress(stage, done, total)`
+        follows the stages ("detect faces", then "lip-sync" frame by frame); raising from it cancels the
+        run, which then leaves no output file.
         """
         opts = Options(**options)
         started = time.perf_counter()
@@ -163,7 +166,7 @@ class LipSync:
         source = FrameSource(video.probe(face), opts, self.hp.fps)
         speech = audio.load_speech(audio_path, source.fps, self.hp)
         n_out = speech.n_frames
-        boxes = self.face_boxes(source, opts, n_out)
+        boxes = self.face_boxes(source, opts, n_out, on_progress)
 
         cap = opts.wav2lip_batch_size or self.generator.default_batch_size
         sizes = batch_sizes(n_out, cap, generator_workers(self.device)[0])
@@ -174,7 +177,7 @@ class LipSync:
         pasted = paste_batches(generated, feather_mask(self.hp.img_size) if opts.blend == "feather" else None)
         height, width = source.shape[:2]
         with video.VideoWriter(outfile, source.writer_fps, width, height, audio_path) as writer:
-            missing = encode(pasted, writer, on_frame, opts.quiet, n_out)
+            missing = encode(progress(pasted, n_out, "lip-sync", opts.quiet, on_progress), writer, on_frame)
         return Summary(outfile, n_out, n_out / source.fps, time.perf_counter() - started, str(self.device),
                        sum(missing), missing_ranges(missing, source.fps))  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Running stages side by side: a stage on a thread of its own, or a function over a stream on several.
+"""Running stages side by side (a stage on a thread of its own, or a function over a stream on several
+threads), and reporting their progress.
 
 Decoding, the networks and encoding all release the GIL, so stages on different threads overlap. Both
 helpers keep only a few items in flight, so memory stays bounded whatever the length of the stream; an
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import collections
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from tqdm import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
 QUEUE_DEPTH = 1  # items waiting between two threads
+Report = Callable[[str, int, "int | None"], None]  # (stage, items done, total) after each item
 _DONE = object()
 
 
@@ -87,3 +91,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(main_threads)  # new threads start from the last value set, the workers'
+
+
+def progress(
+    items: Iterable[T], total: int | None, stage: str, quiet: bool, report: Report | None = None
+) -> Iterator[T]:
+    """`items`, counted on a progress bar (stderr, unless `quiet`) and reported as `report(stage, done, total)`
+    after each; `report` may raise to cancel the run (the stages then unwind and leave no output)."""
+    with tqdm(total=total, desc=stage, unit="frame", disable=quiet, file=sys.stderr) as bar:
+        for done, item in enumerate(items, start=1):
+            yield item
+            bar.update(1)
+            if report is not None:
+                report(stage, done, total)

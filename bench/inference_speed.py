@@ -1,23 +1,21 @@
 """Inference speed: end to end against the original's way and against the generator alone; detection frames/s.
 
-    python bench/inference_speed.py                      # a synthetic 512x512, 8 s clip it makes itself
-    python bench/inference_speed.py --face clip.mp4 --audio speech.wav --box 100 400 120 380
+    python -m bench.inference_speed                      # a synthetic 512x512, 8 s clip it makes itself
+    python -m bench.inference_speed --face clip.mp4 --audio speech.wav --box 100 400 120 380
+    python -m bench.inference_speed --other_checkout ../old  # also another checkout's inference.py, same rounds
 
 - End to end (`--box`, so no detection), two ways, each round alternating ours and the original's:
   - the whole command, what a user waits for: `python inference.py ...` against the original's way
     (bench/original_pipeline.py: its steps re-created, all frames in RAM, batch 128 NCHW, DIVX AVI, then
     x264 medium + AAC, in a fresh process with glibc's default malloc), each timed from process start to
-    exit. This is how the issue's reference figures were taken (the original's include its start-up).
-    The speed-up target is judged here;
+    exit (the original's include its start-up). The speed-up target is judged here. With
+    `--other_checkout`, that checkout's `inference.py` runs in the same rounds, to compare two revisions;
   - the pipeline alone, models loaded: our `LipSync` call in this process, theirs timed inside the script.
 - The generator alone on the same number of frames, batch size and threads as the pipeline runs it,
   before and after; end to end / generator alone is the pipeline's efficiency.
 - Detection: S3FD frames/s at full resolution, with `det_max_side 640` and with `det_every 5`, on the
   first `--detect_frames` frames of `--detect_face` (default: a synthetic 1280x720 clip). Deterministic
   weights: the speed is real, the boxes are not.
-
-Reference (the original, `--box`, a machine like ours): 10.2 frames/s on a 512x512 8 s clip; the generator
-alone 16.6 frames/s at batch 128, 35.6 at batch 32 with a tuned malloc.
 """
 
 from __future__ import annotations
@@ -34,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lipsync  # noqa: E402
-import video  # noqa: E402
-from audio import save_wav  # noqa: E402
-from inference import restart_with_tuned_malloc  # noqa: E402
-from tools.detweights import det_state_dict  # noqa: E402
+import lipsync
+import video
+from audio import save_wav
+from frames import FrameSource
+from generation import batch_sizes, generator_workers
+from options import Options
+from streams import ordered_map
+from tools.detweights import det_state_dict
 
-ORIGINAL_FPS = 10.2  # the original with --box on the 512x512 8 s clip, on the reference machine
 ORIGINAL_PIPELINE = Path(__file__).resolve().parent / "original_pipeline.py"
-
-
 INFERENCE = Path(__file__).resolve().parent.parent / "inference.py"
 
 
@@ -65,10 +63,17 @@ def original_way(face: Path, speech: Path, box: list[int], checkpoint: Path) -> 
 
 
 def our_command(
-    face: Path, speech: Path, box: list[int], checkpoint: Path, out: Path, n_frames: int, extra: list[str]
+    face: Path,
+    speech: Path,
+    box: list[int],
+    checkpoint: Path,
+    out: Path,
+    n_frames: int,
+    extra: list[str],
+    script: Path = INFERENCE,
 ) -> float:
     """`python inference.py ... --box`: frames/s of the whole command."""
-    seconds, _ = timed_command([sys.executable, str(INFERENCE), "--checkpoint_path", str(checkpoint), "--face",
+    seconds, _ = timed_command([sys.executable, str(script), "--checkpoint_path", str(checkpoint), "--face",
                                 str(face), "--audio", str(speech), "--box", *map(str, box), "--outfile", str(out),
                                 "--quiet", *extra])  # fmt: skip
     return n_frames / seconds
@@ -98,13 +103,13 @@ def generator_fps(sync: lipsync.LipSync, n_frames: int, batch_size: int) -> tupl
     mels = np.zeros((batch_size, 1, 80, 16), np.float32)
 
     def generate(n: int) -> np.ndarray:
-        return sync.predict(faces[:n], mels[:n])
+        return sync.generator.predict(faces[:n], mels[:n])
 
-    workers, threads = lipsync.generator_workers(sync.device)
-    sizes = lipsync.batch_sizes(n_frames, batch_size, workers)
-    list(lipsync.ordered_map(generate, [batch_size] * workers, workers, threads))  # warm-up
+    workers, threads = generator_workers(sync.device)
+    sizes = batch_sizes(n_frames, batch_size, workers)
+    list(ordered_map(generate, [batch_size] * workers, workers, threads))  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
-    for _ in lipsync.ordered_map(generate, sizes, workers, threads):
+    for _ in ordered_map(generate, sizes, workers, threads):
         pass
     return n_frames / (time.perf_counter() - start), (time.process_time() - cpu) / n_frames
 
@@ -123,6 +128,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="end-to-end runs of ours and of the original's way")
     p.add_argument("--skip_original", action="store_true", help="do not time the original's way")
     p.add_argument("--skip_detection", action="store_true")
+    p.add_argument("--other_checkout", help="another checkout of this project: its inference.py in the same rounds")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,14 +146,15 @@ def main() -> None:
         load_seconds = time.perf_counter() - loaded
         info = video.probe(face)
         box = args.box or [info.height // 4, info.height * 3 // 4, info.width // 4, info.width * 3 // 4]
-        batch_size = args.batch_size or (128 if sync.device.type == "cuda" else lipsync.CPU_BATCH_SIZE)
+        batch_size = args.batch_size or sync.generator.default_batch_size
 
-        workers, threads = lipsync.generator_workers(sync.device)
+        workers, threads = generator_workers(sync.device)
         n_probe = 4 * batch_size * workers
         gen_before, gen_cpu_before = generator_fps(sync, n_probe, batch_size)
         extra = ["--device", args.device] + (["--wav2lip_batch_size", str(args.batch_size)] if args.batch_size else [])
         compare = sync.device.type == "cpu" and not args.skip_original
-        ours, e2e_cpu, ours_cmd, theirs_cmd, theirs = [], [], [], [], []
+        ours, e2e_cpu, ours_cmd, theirs_cmd, theirs, other_cmd = [], [], [], [], [], []
+        other = Path(args.other_checkout).resolve() / "inference.py" if args.other_checkout else None
         for _ in range(args.rounds):
             cpu = time.process_time()
             summary = sync(face, speech, tmp / "out.mp4", box=box, quiet=True, wav2lip_batch_size=batch_size)
@@ -155,6 +162,10 @@ def main() -> None:
             ours.append(summary.fps)
             if compare:
                 ours_cmd.append(our_command(face, speech, box, checkpoint, tmp / "cli.mp4", summary.frames, extra))
+                if other is not None:
+                    other_cmd.append(
+                        our_command(face, speech, box, checkpoint, tmp / "o.mp4", summary.frames, extra, other)
+                    )
                 whole, pipeline = original_way(face, speech, box, checkpoint)
                 theirs_cmd.append(whole)
                 theirs.append(pipeline)
@@ -179,6 +190,10 @@ def main() -> None:
             print(
                 f"  speed-up:              {mine / base:6.2f}x  (per round {ratios(ours_cmd, theirs_cmd)}; target >= 2)"
             )
+            if other_cmd:
+                print(f"  {args.other_checkout}: {statistics.median(other_cmd):6.1f} frames/s ({rounds(other_cmd)})")
+                print(f"  its speed-up:          {statistics.median(other_cmd) / base:6.2f}x  (per round "
+                      f"{ratios(other_cmd, theirs_cmd)}); this checkout / it: {ratios(ours_cmd, other_cmd)}")  # fmt: skip
         print("end to end, the pipeline alone (models loaded):")
         print(f"  ours (--box):          {fps:6.1f} frames/s ({rounds(ours)}; model loading {load_seconds:.1f} s)")
         if compare:
@@ -189,8 +204,6 @@ def main() -> None:
         print(f"pipeline efficiency:     {fps / gen:6.2f}  (end to end / generator only; target >= 0.7)")
         print(f"CPU time per frame:      {cpu_per_frame * 1000:6.0f} ms end to end, {gen_cpu * 1000:.0f} ms generator "
               f"only (ratio {gen_cpu / cpu_per_frame:.2f}: the efficiency, unaffected by other processes)")  # fmt: skip
-        print(f"vs the reference:        {fps / ORIGINAL_FPS:6.2f}x (the original's {ORIGINAL_FPS} frames/s on the "
-              f"issue's reference machine, not this one)")  # fmt: skip
 
         if args.skip_detection:
             return
@@ -202,14 +215,13 @@ def main() -> None:
             ("--det_max_side 640", {"det_max_side": 640}),
             ("--det_every 5", {"det_every": 5}),
         ]:
-            opts = lipsync.Options(**options)
-            source = lipsync.FrameSource(det_info, opts)
+            opts = Options(quiet=True, **options)
+            source = FrameSource(det_info, opts, sync.hp.fps)
             start = time.perf_counter()
-            sync.detect(source, lipsync.Options(quiet=True, **options), args.detect_frames)
+            sync.face_boxes.detect(source, opts, args.detect_frames)
             fps = args.detect_frames / (time.perf_counter() - start)
             print(f"  {label:20s} {fps:6.2f} frames/s")
 
 
 if __name__ == "__main__":
-    restart_with_tuned_malloc()  # as inference.py does; both measurements below share the allocator
     main()

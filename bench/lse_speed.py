@@ -1,38 +1,37 @@
 """LSE speed of the LRS mode: the in-memory PyAV path against extracting JPEGs + wav to disk and back.
 
-    python bench/lse_speed.py [--video tests/data/lse_video.mp4] [--repeat 3]
+    python -m bench.lse_speed [--video tests/data/lse_video.mp4] [--repeat 3]
 
 Deterministic SyncNet weights (no download needed); prints seconds per minute of video and the ratio.
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
+import os
+import tempfile
+import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+from scipy.io import wavfile
+
+import video
+from devices import select_device
+from errors import run_cli
+from evaluation import lse, media
+from evaluation.syncnet import S, copy_parameters
+from tools.detweights import det_state_dict
+
 ROOT = Path(__file__).resolve().parents[1]
-
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.io import wavfile  # noqa: E402
-
-from devices import select_device  # noqa: E402
-from errors import run_cli  # noqa: E402
-from evaluation import lse, media  # noqa: E402
-from evaluation.syncnet import S, copy_parameters  # noqa: E402
-from tools.detweights import det_state_dict  # noqa: E402
-
 DEFAULT_VIDEO = ROOT / "tests" / "data" / "lse_video.mp4"
 
 
 def via_disk(model: S, path: str, tmp: str) -> lse.LSEResult:
     """The original's data flow: %06d.jpg files and audio.wav in a folder, read back with cv2/scipy."""
-    jpeg = media.JpegRoundTrip(media.probe(path).fps)
+    jpeg = media.JpegRoundTrip(video.probe(path).fps)
     for i, frame in enumerate(media.decode_frames(path), 1):
         Path(tmp, f"{i:06d}.jpg").write_bytes(jpeg.encode(frame))
     wavfile.write(os.path.join(tmp, "audio.wav"), media.SAMPLE_RATE, media.read_audio(path))

@@ -1,7 +1,7 @@
 """LSE-D and LSE-C as Wav2Lip's `SyncNetInstance_calc_scores.evaluate` computes them.
 
-Every 5-frame window of the video (0.2 s at syncnet_python's 25 fps) and the 20 MFCC columns of the same 0.2 s are
-embedded by SyncNet. For each shift of the audio by -vshift..+vshift frames, the Euclidean distance
+Every 5-frame window of the video (0.2 s at syncnet_python's 25 fps, `media.FPS`) and the 20 MFCC columns
+of the same 0.2 s are embedded by SyncNet. For each shift of the audio by -vshift..+vshift frames, the Euclidean distance
 between the two embeddings is averaged over all windows. LSE-D is the smallest of those mean distances
 (lower is better synced), LSE-C the median minus the smallest (higher: a clearer sync peak), and the AV
 offset is the shift at the minimum.

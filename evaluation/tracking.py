@@ -329,7 +329,7 @@ def find_tracks(
 def crop_tracks(
     path: str | os.PathLike, tracks: Sequence[Track], audio: np.ndarray, crop_scale: float = CROP_SCALE
 ) -> list[TrackClip]:
-    """Second pass: each track's crops, and its audio from frame start/25 s to (end+1)/25 s ."""
+    """Second pass: each track's crops, and its audio from frame start/25 s to (end+1)/25 s."""
     paths = [smooth_track(t) for t in tracks]
     crops: list[list[np.ndarray]] = [[] for _ in tracks]
     for n, frame in enumerate(retimed_frames(path)):

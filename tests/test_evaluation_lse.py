@@ -151,9 +151,7 @@ def test_folder_without_videos(tmp_path):
 
 def run_script(repo, *args):
     """The LRS script as documented: a module run from the repository root."""
-    return subprocess.run(
-        [sys.executable, "-m", LRS_SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=repo
-    )
+    return subprocess.run([sys.executable, "-m", LRS_SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=repo)
 
 
 def test_script_errors_are_one_line(tmp_path, repo):

@@ -403,3 +403,23 @@ def test_oom_halves_the_batch(capsys):
     assert limit.size == 1
     with pytest.raises(UserError, match="single frame"):
         limit.halve(1)
+
+
+def test_progress_follows_the_stages_and_raising_cancels(wav2lip_checkpoint, clip, tmp_path):
+    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+    seen: list[tuple[str, int, int]] = []
+    sync(clip["video"], clip["speech"], tmp_path / "a.mp4", quiet=True, on_progress=lambda *r: seen.append(r))
+    assert [r for r in seen if r[0] == "detect faces"][-1] == ("detect faces", 12, 12)
+    assert [r for r in seen if r[0] == "lip-sync"] == [("lip-sync", i, 12) for i in range(1, 13)]
+    assert seen.index(("detect faces", 12, 12)) < seen.index(("lip-sync", 1, 12))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_at_5(stage, done, total):
+        if stage == "lip-sync" and done == 5:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        sync(clip["video"], clip["speech"], tmp_path / "b.mp4", quiet=True, on_progress=cancel_at_5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # no partial file left

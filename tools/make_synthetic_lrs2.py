@@ -10,25 +10,24 @@ Two layouts, the same faces and sounds:
 - preprocessed, `<root>/<speaker>/<video>/{0..N}.jpg + audio.wav`, as preprocess.py writes it, so the
   trainers can be tested without a face detector.
 
-    python tools/make_synthetic_lrs2.py --out /tmp/synth --layout preprocessed --filelists_dir /tmp/synth/filelists
+    python -m tools.make_synthetic_lrs2 --out /tmp/synth --layout preprocessed --filelists_dir /tmp/synth/filelists
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from audio import resample, save_wav
+from files import atomic_path, write_text_atomic
+from hparams import hparams
 
-from audio import resample, save_wav  # noqa: E402
-
-SAMPLE_RATE = 16000
-FPS = 25
+SAMPLE_RATE = hparams.sample_rate  # 16 kHz, what preprocess.py writes
+FPS = hparams.fps  # 25: the rate the trainers index crops at
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = 40 ms
 FRAME_SIZE = 160  # raw video frames are 160×160
 FACE_BOX = (30, 16, 130, 136)  # x1, y1, x2, y2 of the drawn face in a raw frame: 100×120
@@ -97,8 +96,7 @@ def write_mp4(path: Path, frames: np.ndarray, wav: np.ndarray, fps: int = FPS) -
     """H.264 (yuv420p) video and AAC audio, as LRS2's clips."""
     import av
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w") as out:
         v = out.add_stream("libx264", rate=fps)
         v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         v.options = {"crf": "18", "preset": "ultrafast"}
@@ -161,10 +159,9 @@ def make_dataset(
             names.append(f"{speaker}/{video}")
     if filelists_dir is not None:
         filelists_dir = Path(filelists_dir)
-        filelists_dir.mkdir(parents=True, exist_ok=True)
         val = {f"spk{s:02d}" for s in range(speakers - val_speakers, speakers)}
-        (filelists_dir / "train.txt").write_text("".join(f"{n}\n" for n in names if n.split("/")[0] not in val))
-        (filelists_dir / "val.txt").write_text("".join(f"{n}\n" for n in names if n.split("/")[0] in val))
+        write_text_atomic(filelists_dir / "train.txt", "".join(f"{n}\n" for n in names if n.split("/")[0] not in val))
+        write_text_atomic(filelists_dir / "val.txt", "".join(f"{n}\n" for n in names if n.split("/")[0] in val))
     return names
 
 
