@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import video
 from errors import UserError
 from hparams import HParams, hparams
 
+ABSURD_PEAK = 1000.0  # 60 dB above full scale: no recording holds such a sample, only damaged data
 MEL_STEP_SIZE = 16  # mel columns per generator/expert window: 16 × 12.5 ms = 0.2 s = 5 frames at 25 fps
 MEL_COLUMNS_PER_SECOND = 80  # sample_rate / hop_size = 16000 / 200
 SLANEY_HZ_PER_MEL = 200.0 / 3  # the linear part of Slaney's mel scale
@@ -35,11 +37,8 @@ SLANEY_LOG_HZ = 1000.0  # where it turns logarithmic
 SLANEY_LOGSTEP = np.log(6.4) / 27.0
 
 
-def load_wav(path: str | os.PathLike, sr: int) -> np.ndarray:
-    """Decode the first audio stream of any container (judged by content) to mono float32 at `sr`.
-
-    Channels are averaged and samples scaled as libsndfile does (int16 / 32768), as librosa.load did.
-    """
+def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """The first audio stream of any container (judged by content): (channels × samples float32, its rate)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: audio file not found")
@@ -60,10 +59,45 @@ def load_wav(path: str | os.PathLike, sr: int) -> np.ndarray:
         raise UserError(f"{path}: cannot be decoded as audio ({e})") from None
     if not planes or sum(p.shape[1] for p in planes) == 0:
         raise UserError(f"{path}: the audio stream is empty (zero samples)")
-    wav = np.concatenate(planes, axis=1).astype(np.float32, copy=False).mean(axis=0)
+    return np.concatenate(planes, axis=1).astype(np.float32, copy=False), native_rate
+
+
+def to_mono(planes: np.ndarray, native_rate: int, sr: int) -> np.ndarray:
+    """Channels averaged and resampled to `sr`: samples scaled as libsndfile does (int16 / 32768), as
+    librosa.load did."""
+    wav = planes.mean(axis=0)
     if native_rate != sr:
         wav = resample(wav, native_rate, sr)
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def load_wav(path: str | os.PathLike, sr: int) -> np.ndarray:
+    """Decode any audio (or video) file to mono float32 at `sr`."""
+    return to_mono(*decode_audio(path), sr)
+
+
+def speech_gain(planes: np.ndarray, rate: int, path: str | os.PathLike) -> float:
+    """The gain that brings the samples within full scale: 1 for ordinary audio.
+
+    A sample that is not a number, or absurdly loud, would turn the mel into NaN or make the AAC encoder
+    refuse the audio after the whole video was generated; say so now, naming its time. Audio merely above
+    full scale (a float WAV peaking at 1.3) is normalised, with a warning, as FFmpeg's users expect.
+    """
+    finite = np.isfinite(planes)
+    if not finite.all():
+        index = int(np.argmin(finite.all(axis=0)))
+        raise UserError(f"{path}: sample {index} ({index / rate:.3f} s) is not a number (NaN or infinite); "
+                        "the audio is damaged: export it again")  # fmt: skip
+    peak = float(np.abs(planes).max())
+    if peak > ABSURD_PEAK:
+        index = int(np.argmax(np.abs(planes).max(axis=0) > ABSURD_PEAK))
+        raise UserError(f"{path}: sample {index} ({index / rate:.3f} s) is {peak:.3g}, far beyond full scale (1.0); "
+                        "the audio is damaged: export it again")  # fmt: skip
+    if peak <= 1.0:
+        return 1.0
+    print(f"warning: {path}: peaks at {peak:.2f}, above full scale; normalised by {-20 * np.log10(peak):.1f} dB",
+          file=sys.stderr)  # fmt: skip
+    return 1.0 / peak
 
 
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -196,6 +230,7 @@ class Speech:
 
     mel: np.ndarray  # (num_mels, columns) float32
     starts: list[int]  # first mel column of each output frame's window
+    gain: float = 1.0  # applied to the samples (1 unless they exceeded full scale); the encoder applies it too
 
     @property
     def n_frames(self) -> int:
@@ -203,10 +238,11 @@ class Speech:
 
 
 def load_speech(path: str | os.PathLike, fps: float, hp: HParams = hparams) -> Speech:
-    """The speech of any audio (or video) file, as mel windows for enough frames at `fps` to cover it."""
-    wav = load_wav(path, hp.sample_rate)
+    """The speech of any audio (or video) file, checked before any work is done, as mel windows for
+    enough frames at `fps` to cover it."""
+    planes, rate = decode_audio(path)
+    gain = speech_gain(planes, rate, path)
+    wav = to_mono(planes * gain if gain != 1.0 else planes, rate, hp.sample_rate)
     mel = melspectrogram(wav, hp)
-    if np.isnan(mel).any():
-        raise UserError(f"{path}: the mel spectrogram contains NaN; add a little noise to the audio")
     n_frames = video.frames_to_cover(len(wav) / hp.sample_rate, fps)
-    return Speech(mel, frame_mel_starts(mel.shape[1], fps, n_frames))
+    return Speech(mel, frame_mel_starts(mel.shape[1], fps, n_frames), gain)

@@ -51,11 +51,18 @@ def paste(frame: np.ndarray, box: Box, face: np.ndarray, mask: np.ndarray | None
     )
 
 
-def paste_batches(batches: Iterable[Batch], mask: np.ndarray | None) -> Iterator[tuple[np.ndarray, bool]]:
-    """The paste stage: each generated face back into its frame; yields (frame, had a face) in order."""
+def paste_batches(
+    batches: Iterable[Batch], mask: np.ndarray | None, shared_frames: bool
+) -> Iterator[tuple[np.ndarray, bool]]:
+    """The paste stage: each generated face back into its frame; yields (frame, had a face) in order.
+
+    Pastes in place, or into a copy made here, one frame at a time, when the frames are `shared` (a
+    static face's one frame, yielded for every output frame).
+    """
     for batch in batches:
         faces = iter(batch.generated)
         for frame, box in zip(batch.frames, batch.boxes, strict=True):
             if box is not None:
+                frame = frame.copy() if shared_frames else frame
                 paste(frame, box, next(faces), mask)
             yield frame, box is not None

@@ -137,6 +137,11 @@ def detect_keyframes(frames: Iterable[np.ndarray], detect: Callable[[list[np.nda
     return keyframes, max(keyframes) + 1
 
 
+def detection_batch_size(opts: Options, source: FrameSource) -> int:
+    """`face_det_batch_size`, or fewer frames when that many would not fit the memory budget (4K and up)."""
+    return min(opts.face_det_batch_size, opts.frames_within_budget(int(np.prod(source.shape))))
+
+
 def cache_path(opts: Options, source: FrameSource, weights: Path) -> Path:
     """Cache file for this video's content and every setting the raw detections depend on."""
     key = {
@@ -144,7 +149,7 @@ def cache_path(opts: Options, source: FrameSource, weights: Path) -> Path:
         "video": video.file_hash(source.info.path),
         "resize_factor": opts.resize_factor, "rotate": opts.rotate, "crop": source.crop,
         "det_max_side": opts.det_max_side, "det_every": opts.det_every,
-        "face_det_batch_size": opts.face_det_batch_size, "static": source.static,
+        "face_det_batch_size": detection_batch_size(opts, source), "static": source.static,
         "weights": [str(weights.resolve()), weights.stat().st_size if weights.is_file() else None],
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -199,20 +204,21 @@ class FaceBoxes:
                 print(f"face boxes from the cache: {cache}", file=sys.stderr)
             return boxes
         detector = self.detector(opts.det_max_side)
+        batch_size = detection_batch_size(opts, source)
 
         def detect(frames: list[np.ndarray]) -> list:
             run = lambda chunk: detector.get_detections_for_batch(np.stack(chunk))  # noqa: E731
-            return in_chunks(run, frames, self.limit, opts.face_det_batch_size)
+            return in_chunks(run, frames, self.limit, batch_size)
 
         limit = None if cache is not None and not source.static else n_needed  # a cache entry: the whole video
         total = min(n for n in (limit, source.info.n_frames) if n is not None)
         frames = progress(itertools.islice(source, limit), total, "detect faces", opts.quiet, report)
-        keyframes, n = detect_keyframes(frames, detect, opts.det_every, opts.face_det_batch_size)
+        keyframes, n = detect_keyframes(frames, detect, opts.det_every, batch_size)
         if near_misses := frames_near_misses(keyframes):
             wanted = set(near_misses)
             again = (frame for i, frame in enumerate(itertools.islice(source, n)) if i in wanted)
             again = progress(again, len(near_misses), "detect faces near misses", opts.quiet, report)
-            found, _ = detect_keyframes(again, detect, 1, opts.face_det_batch_size)
+            found, _ = detect_keyframes(again, detect, 1, batch_size)
             keyframes.update(zip(near_misses, (found[k] for k in range(len(near_misses))), strict=True))
         boxes = interpolate(keyframes, n)
         if cache is not None:

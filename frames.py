@@ -60,6 +60,11 @@ class FrameSource:
         self.shape = prepare_frame(raw, opts.resize_factor, opts.rotate, self.crop).shape
 
     @property
+    def frame_bytes(self) -> int:
+        """Bytes each output frame in flight holds: none for a static face, whose one frame is shared."""
+        return 0 if self.static else int(np.prod(self.shape))
+
+    @property
     def writer_fps(self) -> float | Fraction:
         """The output's rate: exactly the video's own (a fraction such as 30000/1001), or the image's."""
         return self.fps if self.info.is_image else self.info.fps
@@ -71,11 +76,15 @@ class FrameSource:
 
 def loop_frames(source: Iterable[np.ndarray], n: int, static: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(video index, frame) for `n` output frames: the first frame over and over if `static`, else the
-    video looping forward (re-read from the start) as the original's `i % len(frames)`."""
+    video looping forward (re-read from the start) as the original's `i % len(frames)`.
+
+    A static frame is decoded once and the same array yielded each time: a 20-megapixel still costs its
+    60 MB once, not per frame in flight. Stages must not write into it (`crops.paste_batches` copies it).
+    """
     if static:
         first = next(iter(source))
         for _ in range(n):
-            yield 0, first.copy()
+            yield 0, first
         return
     produced = 0
     while produced < n:

@@ -40,7 +40,7 @@ from errors import UserError
 from face_boxes import FaceBoxes
 from files import check_writable
 from frames import FrameSource, loop_frames
-from generation import Generator, batch_sizes, generator_workers, make_batches
+from generation import Generator, batch_sizes, batches_in_flight, generator_workers, make_batches
 from hparams import HParams, hparams
 from options import DEFAULT_OUTFILE, Options
 from streams import Report, background, progress
@@ -168,15 +168,19 @@ class LipSync:
         n_out = speech.n_frames
         boxes = self.face_boxes(source, opts, n_out, on_progress)
 
+        workers = generator_workers(self.device)[0]
         cap = opts.wav2lip_batch_size or self.generator.default_batch_size
-        sizes = batch_sizes(n_out, cap, generator_workers(self.device)[0])
+        cap = min(cap, opts.frames_within_budget(source.frame_bytes, batches_in_flight(workers)))
+        sizes = batch_sizes(n_out, cap, workers)
         items = ((frame, boxes[index % len(boxes)], speech.starts[i])
                  for i, (index, frame) in enumerate(loop_frames(source, n_out, source.static)))  # fmt: skip
         batches = background(make_batches(items, self.hp.img_size, sizes))
         generated = self.generator(batches, speech.mel, cap)
-        pasted = paste_batches(generated, feather_mask(self.hp.img_size) if opts.blend == "feather" else None)
+        mask = feather_mask(self.hp.img_size) if opts.blend == "feather" else None
+        pasted = paste_batches(generated, mask, shared_frames=source.static)
         height, width = source.shape[:2]
-        with video.VideoWriter(outfile, source.writer_fps, width, height, audio_path) as writer:
+        writer = video.VideoWriter(outfile, source.writer_fps, width, height, audio_path, audio_gain=speech.gain)
+        with writer:
             missing = encode(progress(pasted, n_out, "lip-sync", opts.quiet, on_progress), writer, on_frame)
         return Summary(outfile, n_out, n_out / source.fps, time.perf_counter() - started, str(self.device),
                        sum(missing), missing_ranges(missing, source.fps))  # fmt: skip

@@ -67,6 +67,9 @@ class Options:
     blend: str = option(
         "paste", "paste the generated face (original) or feather its lower half into the frame", choices=BLEND_CHOICES
     )
+    memory_budget: int = option(
+        512, "MiB of decoded frames in flight between the stages; batches shrink to fit it on huge frames (4K)"
+    )
     quiet: bool = option(False, "no progress bars and no summary")
 
     def __post_init__(self) -> None:
@@ -79,7 +82,9 @@ class Options:
             allowed = f.metadata["choices"]
             if allowed and getattr(self, f.name) not in allowed:
                 raise UserError(f"--{f.name} {getattr(self, f.name)}: choose one of {', '.join(allowed)}")
-        for name in ("resize_factor", "det_every", "face_det_batch_size", "wav2lip_batch_size", "det_max_side", "fps"):
+        positive = ("resize_factor", "det_every", "face_det_batch_size", "wav2lip_batch_size", "det_max_side", "fps",
+                    "memory_budget")  # fmt: skip
+        for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"--{name} must be positive, got {value}")
@@ -87,6 +92,10 @@ class Options:
     @property
     def fixed_box(self) -> bool:
         return self.box != UNSET_REGION
+
+    def frames_within_budget(self, frame_bytes: int, share: int = 1) -> int:
+        """How many frames of `frame_bytes` fit in `1/share` of the memory budget (at least one)."""
+        return max(1, (self.memory_budget << 20) // (max(1, frame_bytes) * share))
 
 
 @dataclass(frozen=True)

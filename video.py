@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -228,13 +229,13 @@ def _resample(frames: Iterator[tuple[Fraction | None, Fraction, np.ndarray]], fp
         start = time if start is None else start
         first_slot = math.ceil((time - start) * fps)
         if held is not None:
-            while slot < first_slot:
-                yield held
-                slot += 1
+            for repeat in range(first_slot - slot):
+                yield held if repeat == 0 else held.copy()  # each output frame its own array: stages write in place
+            slot = max(slot, first_slot)
         held, end = image, time - start + duration
     if held is not None:
-        for _ in range(max(0 if slot else 1, math.ceil(end * fps) - slot)):
-            yield held
+        for repeat in range(max(0 if slot else 1, math.ceil(end * fps) - slot)):
+            yield held if repeat == 0 else held.copy()
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -264,6 +265,7 @@ class VideoWriter:
         height: int,
         audio_path: str | os.PathLike | None = None,
         *,
+        audio_gain: float = 1.0,
         crf: str = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
     ) -> None:
@@ -280,7 +282,7 @@ class VideoWriter:
             self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, PIX_FMT
             self.video.codec_context.time_base = 1 / self.rate
             self.video.options = {"crf": crf, "preset": preset}
-            self.audio_frames = _aac_frames(audio_path) if audio_path is not None else None
+            self.audio_frames = _aac_frames(audio_path, audio_gain) if audio_path is not None else None
             self.audio = None
             if self.audio_frames is not None:
                 first = next(self.audio_frames, None)
@@ -353,13 +355,19 @@ def open_output(path: Path, container_format: str) -> av.container.OutputContain
         raise UserError(f"{path.parent}: cannot write the output there ({e}); choose another --outfile") from None
 
 
+def _scaled(frame: av.AudioFrame, gain: float) -> av.AudioFrame:
+    scaled = av.AudioFrame.from_ndarray(frame.to_ndarray() * np.float32(gain), format="fltp", layout=frame.layout.name)
+    scaled.sample_rate = frame.sample_rate
+    return scaled
+
+
 def _as_rate(fps: float | Fraction) -> Fraction:
     """A frame rate as an exact fraction: 29.97 → 30000/1001, as containers store it."""
     return Fraction(fps).limit_denominator(1001)
 
 
-def _aac_frames(audio_path: str | os.PathLike) -> Iterator[av.AudioFrame]:
-    """The first audio stream of a file as planar-float frames of exactly `AAC_FRAME_SIZE` samples.
+def _aac_frames(audio_path: str | os.PathLike, gain: float = 1.0) -> Iterator[av.AudioFrame]:
+    """The first audio stream of a file as planar-float frames of exactly `AAC_FRAME_SIZE` samples, times `gain`.
 
     Keeps the input's rate (if AAC can carry it) and its channels up to stereo; each frame's `pts` counts
     samples from zero.
@@ -373,11 +381,10 @@ def _aac_frames(audio_path: str | os.PathLike) -> Iterator[av.AudioFrame]:
             layout = "mono" if stream.codec_context.channels == 1 else "stereo"
             resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate, frame_size=AAC_FRAME_SIZE)
             samples = 0
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    out.pts, samples = samples, samples + out.samples
-                    yield out
-            for out in resampler.resample(None):
+            frames = itertools.chain(container.decode(stream), [None])  # None flushes the resampler
+            for out in (out for frame in frames for out in resampler.resample(frame)):
+                if gain != 1.0:
+                    out = _scaled(out, gain)
                 out.pts, samples = samples, samples + out.samples
                 yield out
     except (av.error.FFmpegError, IndexError) as e:

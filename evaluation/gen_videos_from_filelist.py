@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pads", nargs=4, type=int, default=[0, 0, 0, 0], help="padding (top, bottom, left, right)")
     p.add_argument("--face_det_batch_size", type=int, default=64)
     p.add_argument("--wav2lip_batch_size", type=int, default=128)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
     p.add_argument(
         "--detector_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)"
     )
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     rank = torchrun_rank()
     generate = lipsync_generator(
         args.checkpoint_path,
-        str(rank.local_device(args.device or "auto")),  # under torchrun, this rank's own GPU
+        str(rank.local_device(args.device)),  # under torchrun, this rank's own GPU
         args.detector_path,
         from_argument(args.hparams),
         pads=args.pads,

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vshift", type=int, default=lse.DEFAULT_VSHIFT, help="audio shifts searched each way")
     p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
     p.add_argument("--out", help="write per-video scores to this .json or .csv file")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
     return p.parse_args(argv)
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     videos = lse.list_videos(args.data_root)
     if args.out:
         lse.check_results_path(args.out)
-    model = load_syncnet(args.initial_model, select_device(args.device or "auto"))
+    model = load_syncnet(args.initial_model, select_device(args.device))
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
     lse.report(rows, args.out)
 

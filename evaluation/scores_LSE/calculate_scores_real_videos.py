@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min_face_size", type=int, default=tracking.MIN_FACE_SIZE)
     p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the crops")
     p.add_argument("--out", help="write per-track scores to this .json or .csv file")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
     return p.parse_args(argv)
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     videos = [args.videofile] if args.videofile else lse.list_videos(args.data_root)
     if args.out:
         lse.check_results_path(args.out)
-    device = select_device(args.device or "auto")
+    device = select_device(args.device)
     detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
     print(f"face detector: {detector_name}")
     model = load_syncnet(args.initial_model, device)
