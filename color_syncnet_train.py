@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
+from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader
 
 import training
 from checkpoints import load_weights
@@ -28,119 +29,96 @@ EVAL_STEPS = 1400  # the original's cap on batches per evaluation; it also stopp
 # loader, whose length was the number of val videos: so one window per val video, ~17 batches on LRS2
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExpertConfig(training.TrainConfig):
+    """Everything a run of the expert needs: the common flags and the expert's own."""
+
+    neg_min_offset: int = training.option(0, "negatives at least this many frames from the positive")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="color_syncnet_train.py"
     )
-    training.add_common_arguments(parser)
-    parser.add_argument(
-        "--neg_min_offset", type=int, default=0, help="negatives at least this many frames from the positive"
-    )
+    training.add_config_arguments(parser, ExpertConfig)
     return parser
 
 
-def evaluate(model, loader, ctx: training.Context, amp: str, max_batches: int) -> float:
+def config_from_argv(argv: list[str] | None = None) -> ExpertConfig:
+    return training.config_from_args(ExpertConfig, build_parser().parse_args(argv))
+
+
+def loss_of(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], ctx: training.Context, amp: str) -> torch.Tensor:
+    """The expert's BCE on one batch (x, mel, y): forward under autocast, the loss in float32."""
+    x, mel, y = (t.to(ctx.device, non_blocking=True) for t in batch)
+    with training.autocast(ctx, amp):
+        a, v = model(mel, x)
+    return cosine_loss(a.float(), v.float(), y)
+
+
+def evaluate(model: SyncNet_color, loader: DataLoader, ctx: training.Context, amp: str, max_batches: int) -> float:
     """Mean BCE of the expert over up to `max_batches` val batches per rank, averaged over all ranks."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i, (x, mel, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
-            x, mel, y = (t.to(ctx.device, non_blocking=True) for t in (x, mel, y))
-            with training.autocast(ctx, amp):
-                a, v = model(mel, x)
-            total += cosine_loss(a.float(), v.float(), y).item() * len(y)
-            count += len(y)
+            total += loss_of(model, batch, ctx, amp).item() * len(batch[2])
+            count += len(batch[2])
     model.train()
     return training.all_reduce_mean({"loss": total}, count, ctx)["loss"]
 
 
-def train(args: argparse.Namespace) -> dict:
-    """The whole run; returns the final step, eval loss, checkpoint path and the (unwrapped) model."""
-    with training.session(args) as (hp, ctx, folder, workers):
+def train(config: ExpertConfig) -> training.RunResult:
+    """The whole run, from the config to the last checkpoint; returns where it stopped."""
+    hp = config.hparams
+    with training.session(config) as (ctx, folder):
         # data
-        train_set = SyncDataset(args.data_root, "train", args.filelists_dir, hp, neg_min_offset=args.neg_min_offset)
-        val_set = SyncDataset(args.data_root, "val", args.filelists_dir, hp, neg_min_offset=args.neg_min_offset)
-        original_eval = min(EVAL_STEPS, math.ceil(len(val_set.videos) / hp.syncnet_batch_size))
-        eval_steps = training.eval_batches(args.eval_steps, original_eval, ctx)
-        train_loader = training.make_loader(
-            train_set, hp.syncnet_batch_size, ctx, shuffle=True, num_workers=workers, seed=args.seed, drop_last=True
+        train_set, val_set = (
+            SyncDataset(config.data_root, split, config.filelists_dir, hp, neg_min_offset=config.neg_min_offset)
+            for split in ("train", "val")
         )
-        val_loader = training.make_loader(
-            val_set, hp.syncnet_batch_size, ctx, shuffle=True, num_workers=min(workers, 8), seed=1, drop_last=False
-        )  # the same val windows at every evaluation
+        original_eval = min(EVAL_STEPS, math.ceil(len(val_set.videos) / hp.syncnet_batch_size))
+        eval_steps = training.eval_batches(config.eval_steps, original_eval, ctx)
+        train_loader, val_loader = training.loaders(train_set, val_set, hp.syncnet_batch_size, ctx, config, 8)
 
         # model, optimizer, resume
         model = SyncNet_color().to(ctx.device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp.syncnet_lr)
         step, epoch = 0, 0
-        if args.checkpoint_path:
-            container = load_weights(model, args.checkpoint_path, "SyncNet_color", "--checkpoint_path")
-            step, epoch = training.resume(container, optimizer, args.checkpoint_path)
+        if config.checkpoint_path:
+            container = load_weights(model, config.checkpoint_path, "SyncNet_color", "--checkpoint_path")
+            step, epoch = training.resume(container, optimizer, config.checkpoint_path)
         ddp_model = training.wrap_ddp(model, ctx)
-        scaler = training.grad_scaler(ctx, args.amp)
-        training.check_amp(ctx, args.amp)
+        scaler = training.grad_scaler(ctx, config.amp)
+        data = training.batches(train_loader, epoch)
+        evaluation, path = {}, None
 
         banner = (f"expert: {len(train_set)} train / {len(val_set)} val windows, {ctx.world_size} process(es) on "
                   f"{ctx.device}, from step {step}")  # fmt: skip
-        logger, bar = training.start_run(folder, ctx, args, hp, banner, step)
-        running, shown = training.Running(), training.Running()
-        data = training.batches(train_loader, epoch)
-        eval_loss, saved_at, evaluated_at = None, None, None
-        tick = time.time()
-
-        # the loop
-        while args.max_steps is None or step < args.max_steps:
-            epoch, (x, mel, y) = next(data)
-            x, mel, y = (t.to(ctx.device, non_blocking=True) for t in (x, mel, y))
-            with training.autocast(ctx, args.amp):
-                a, v = ddp_model(mel, x)
-            loss = cosine_loss(a.float(), v.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-
-            running.add(loss=loss.item())
-            shown.add(loss=loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{shown.means()['loss']:.4f}")
-            if step % args.log_interval == 0:
-                rate = running.n * len(y) * ctx.world_size / (time.time() - tick)
+        with training.Monitor(folder, ctx, config, banner, step) as monitor:
+            while not training.is_last(step, config.max_steps):
+                epoch, batch = next(data)
+                loss = loss_of(ddp_model, batch, ctx, config.amp)
+                training.optimizer_step(loss, optimizer, scaler)
+                step += 1
                 lr = optimizer.param_groups[0]["lr"]
-                logger.scalars(
-                    step, {"train/loss": running.means()["loss"], "train/lr": lr, "train/samples_per_s": rate}
-                )
-                running.reset()
-                tick = time.time()
+                monitor.trained(step, epoch, {"loss": loss.item()}, len(batch[2]), lr=lr)
 
-            if step % hp.syncnet_eval_interval == 0:
-                eval_loss, evaluated_at = evaluate(model, val_loader, ctx, args.amp, eval_steps), step
-                logger.scalars(step, {"eval/loss": eval_loss})
-                if ctx.is_main:
-                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")
-            if step % hp.syncnet_checkpoint_interval == 0 and ctx.is_main:
-                training.save(folder, model, optimizer, step, epoch, hp, keep_last=args.keep_last)
-                saved_at = step
-
-        # the end (--max_steps): evaluate and save unless this step just did
-        if evaluated_at != step:
-            eval_loss = evaluate(model, val_loader, ctx, args.amp, eval_steps)
-            logger.scalars(step, {"eval/loss": eval_loss})
-        path = training.checkpoint_path(folder, step)
-        if saved_at != step and ctx.is_main:
-            path = training.save(folder, model, optimizer, step, epoch, hp, keep_last=args.keep_last)
-        bar.close()
-        logger.close()
-        if ctx.is_main:
-            print(f"step {step}: eval loss {eval_loss:.4f}; checkpoint {path}")
-        return {"step": step, "epoch": epoch, "eval_loss": eval_loss, "checkpoint": path, "model": model}
+                last = training.is_last(step, config.max_steps)  # the end: evaluate and save whatever the step
+                if step % hp.syncnet_eval_interval == 0 or last:
+                    evaluation = {"loss": evaluate(model, val_loader, ctx, config.amp, eval_steps)}
+                    monitor.evaluated(step, evaluation)
+                if (step % hp.syncnet_checkpoint_interval == 0 or last) and ctx.is_main:
+                    path = training.save(folder, model, optimizer, step, epoch, hp, keep_last=config.keep_last)
+            result = training.RunResult(step, epoch, evaluation, path, model)
+            monitor.finished(result)
+        return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return train(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None) -> None:
+    train(config_from_argv(argv))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ python hq_wav2lip_train.py --data_root ... --checkpoint_dir ... --syncnet_checkp
 
 from __future__ import annotations
 
+import wav2lip_train
 from errors import run_cli
-from wav2lip_train import main as wav2lip_main
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return wav2lip_main(argv, gan_default=True)
+def main(argv: list[str] | None = None) -> None:
+    wav2lip_train.main(argv, gan_default=True)
 
 
 if __name__ == "__main__":

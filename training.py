@@ -1,4 +1,5 @@
-"""What the trainers share: one process or N (torchrun), data loading, AMP, checkpoints, logging.
+"""What the trainers share: their typed config and flags, one process or N (torchrun), data loading, AMP,
+checkpoints, logging.
 
 The same script runs on one CPU, one GPU or N GPUs: `torchrun --nproc_per_node N color_syncnet_train.py ...`
 sets RANK/WORLD_SIZE/LOCAL_RANK, and `setup()` joins the process group (nccl on GPUs, gloo on CPUs). Rank 0
@@ -11,13 +12,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
+import dataclasses
 import random
 import sys
 import time
+import types
+import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,35 +30,81 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from checkpoints import save_checkpoint
-from devices import select_device
+from devices import torchrun_rank
 from errors import UserError
+from files import check_writable, write_text_atomic
 from hparams import HParams, add_hparams_argument, from_argument
 
+C = TypeVar("C", bound="TrainConfig")
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+# --- the config: one declaration per setting, from which the flags are derived ---------------------------
+
+
+def option(default: Any = dataclasses.MISSING, help: str | None = None, **flag: Any) -> Any:  # noqa: A002
+    """A config field that is also the flag `--<name>`: the default is declared here only; `flag` holds
+    argparse's extra keywords (choices, nargs...). A field without a default is a required flag."""
+    return field(default=default, metadata={"flag": {"help": help, **flag}})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
     """The flags every trainer has, with the original's names for the original's flags."""
-    parser.add_argument("--data_root", required=True, help="root folder of the preprocessed dataset")
-    parser.add_argument("--checkpoint_dir", required=True, help="save checkpoints, samples and logs here")
-    parser.add_argument("--checkpoint_path", default=None, help="resume (or fine-tune) from this checkpoint")
-    parser.add_argument(
-        "--filelists_dir", default="filelists", help="folder of train.txt and val.txt, lines '<speaker>/<video>'"
+
+    data_root: str = option(help="root folder of the preprocessed dataset")
+    checkpoint_dir: str = option(help="save checkpoints, samples and logs here")
+    checkpoint_path: str | None = option(None, "resume (or fine-tune) from this checkpoint")
+    filelists_dir: str = option("filelists", "folder of train.txt and val.txt, lines '<speaker>/<video>'")
+    hparams: HParams = field(default_factory=HParams, metadata={"hparams": True})  # --hparams, parsed
+    max_steps: int | None = option(None, "stop after this global step (and save)")
+    keep_last: int = option(0, "keep only the newest K checkpoints (0: all)")
+    eval_steps: int | None = option(
+        None, "val batches per evaluation, over all ranks (default: as many samples as the original's evaluation)"
     )
-    add_hparams_argument(parser)
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after this global step (and save)")
-    parser.add_argument("--keep_last", type=int, default=0, help="keep only the newest K checkpoints (0: all)")
-    parser.add_argument(
-        "--eval_steps", type=int, default=None,
-        help="val batches per evaluation, over all ranks (default: as many samples as the original's evaluation)",
+    num_workers: int | None = option(None, "DataLoader workers (default: hparams)")
+    amp: str = option(
+        "off", "mixed precision on CUDA: bf16 (--amp alone), or fp16 with a gradient scaler",
+        nargs="?", const="bf16", choices=["off", "bf16", "fp16"],
     )  # fmt: skip
-    parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: hparams)")
-    parser.add_argument(
-        "--amp", nargs="?", const="bf16", default="off", choices=["off", "bf16", "fp16"],
-        help="mixed precision on CUDA: bf16 (--amp alone), or fp16 with a gradient scaler",
-    )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto, cuda, cpu or mps (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log_interval", type=int, default=10, help="steps between logged training scalars")
-    parser.add_argument("--no_tqdm", action="store_true", help="no progress bar (logs only)")
+    device: str = option("auto", "auto, cuda, cpu or mps (under torchrun: cuda:LOCAL_RANK)")
+    seed: int = option(0)
+    log_interval: int = option(10, "steps between logged training scalars")
+    no_tqdm: bool = option(False, "no progress bar (logs only)")
+
+    @property
+    def workers(self) -> int:
+        return self.hparams.num_workers if self.num_workers is None else self.num_workers
+
+    def flags(self) -> dict[str, object]:
+        """The flag values (hparams aside), as the command line gave them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "flag" in f.metadata}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
+    """One flag per field of `cls`, in field order, typed from its annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("hparams"):
+            add_hparams_argument(parser)
+            continue
+        kwargs = dict(f.metadata["flag"])
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None`: the flag's type is int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        elif kind is not str:
+            kwargs["type"] = kind
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The typed config of parsed flags; `--hparams` becomes an `HParams` (a bad name is a UserError)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values | {"hparams": from_argument(args.hparams)})
 
 
 # --- processes and devices -------------------------------------------------------------------------------
@@ -79,40 +129,32 @@ class Context:
 
 def setup(device_name: str = "auto", seed: int = 0) -> Context:
     """Join torchrun's process group when launched by it; seed every RNG (differently per rank)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
+    rank = torchrun_rank()
+    device = rank.local_device(device_name)
+    if rank.distributed:
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    else:
-        device = select_device(device_name)
-    seed_everything(seed + rank)
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size)
+    seed_everything(seed + rank.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return Context(rank, world_size, device)
-
-
-def teardown(ctx: Context) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+    return Context(rank.rank, rank.world_size, device)
 
 
 @contextlib.contextmanager
-def session(args: argparse.Namespace) -> Iterator[tuple[HParams, Context, Path, int]]:
-    """What a trainer starts with: (hparams, context, checkpoint folder, data-loading workers); the
-    process group is left on the way out, however the run ends."""
-    hp = from_argument(args.hparams)
-    ctx = setup(args.device, args.seed)
+def session(config: TrainConfig) -> Iterator[tuple[Context, Path]]:
+    """What a trainer starts with: its context and a checkpoint folder proven writable; the process group
+    is left on the way out, however the run ends."""
+    ctx = setup(config.device, config.seed)
+    if config.amp != "off" and ctx.device.type != "cuda" and ctx.is_main:
+        print(f"note: --amp {config.amp} only applies on CUDA; training in float32 on {ctx.device}", file=sys.stderr)
     try:
-        folder = check_writable(args.checkpoint_dir)
-        yield hp, ctx, folder, hp.num_workers if args.num_workers is None else args.num_workers
+        yield ctx, check_writable(config.checkpoint_dir, "--checkpoint_dir")
     finally:
-        teardown(ctx)
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +196,20 @@ def make_loader(
     )
 
 
-def batches(loader: DataLoader, epoch: int):
+def loaders(
+    train_set: Dataset, val_set: Dataset, batch_size: int, ctx: Context, config: TrainConfig, val_workers: int
+) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders; val is shuffled with a fixed seed, so every evaluation sees the same windows,
+    and it gets at most `val_workers` workers (the original's count)."""
+    train = make_loader(
+        train_set, batch_size, ctx, shuffle=True, num_workers=config.workers, seed=config.seed, drop_last=True
+    )
+    workers = min(config.workers, val_workers)
+    val = make_loader(val_set, batch_size, ctx, shuffle=True, num_workers=workers, seed=1, drop_last=False)
+    return train, val
+
+
+def batches(loader: DataLoader, epoch: int) -> Iterator[tuple[int, Any]]:
     """(epoch, batch) forever, one epoch after another from `epoch`."""
     while True:
         loader.sampler.set_epoch(epoch)
@@ -169,10 +224,15 @@ def eval_batches(requested: int | None, original: int, ctx: Context) -> int:
     return max(1, -(-total // ctx.world_size))
 
 
-# --- mixed precision -------------------------------------------------------------------------------------
+def is_last(step: int, max_steps: int | None) -> bool:
+    """The run ends after this step: it evaluates and saves whatever the intervals say."""
+    return max_steps is not None and step >= max_steps
 
 
-def autocast(ctx: Context, amp: str):
+# --- mixed precision and the optimizer step --------------------------------------------------------------
+
+
+def autocast(ctx: Context, amp: str) -> contextlib.AbstractContextManager:
     """The forward passes' autocast context: bf16/fp16 on CUDA behind --amp, nothing otherwise."""
     if amp == "off" or ctx.device.type != "cuda":
         return contextlib.nullcontext()
@@ -180,15 +240,16 @@ def autocast(ctx: Context, amp: str):
 
 
 def grad_scaler(ctx: Context, amp: str) -> torch.amp.GradScaler:
+    """fp16 needs its gradients scaled to stay representable; bf16 and float32 get a disabled scaler."""
     return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and ctx.device.type == "cuda")
 
 
-def check_amp(ctx: Context, amp: str) -> None:
-    if amp != "off" and ctx.device.type != "cuda" and ctx.is_main:
-        print(f"note: --amp {amp} only applies on CUDA; training in float32 on {ctx.device}", file=sys.stderr)
-
-
-# --- reductions ------------------------------------------------------------------------------------------
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward and one (scaled) optimizer step, the same for every network trained here."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def all_reduce_mean(sums: dict[str, float], count: int, ctx: Context) -> dict[str, float]:
@@ -202,21 +263,6 @@ def all_reduce_mean(sums: dict[str, float], count: int, ctx: Context) -> dict[st
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
-
-
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Create the checkpoint folder and prove it can be written, before any time is spent training."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"{folder}: --checkpoint_dir cannot be written ({e.strerror or e}); choose a folder you can write to"
-        ) from None
-    return folder
 
 
 def checkpoint_path(folder: Path, step: int, prefix: str = "") -> Path:
@@ -261,23 +307,15 @@ def save(
 ) -> Path:
     """The original container plus hparams and RNG states, written atomically; prunes to `keep_last`."""
     path = checkpoint_path(folder, step, prefix)
-    save_checkpoint(
-        path,
-        model,
-        optimizer if hp.save_optimizer_state else None,
-        step,
-        epoch,
-        hparams=hp.values(),
-        rng_states=rng_states(),
-        **extra,
-    )
+    optimizer_state = optimizer if hp.save_optimizer_state else None
+    save_checkpoint(path, model, optimizer_state, step, epoch, hparams=hp.values(), rng_states=rng_states(), **extra)
     if keep_last > 0:
         for p in sorted(folder.glob(f"{prefix}checkpoint_step*.pth"))[:-keep_last]:
             p.unlink(missing_ok=True)
     return path
 
 
-def resume(container: dict, optimizer: torch.optim.Optimizer | None, path: str | os.PathLike) -> tuple[int, int]:
+def resume(container: dict, optimizer: torch.optim.Optimizer | None, path: str | Path) -> tuple[int, int]:
     """Restore the optimizer and RNG states from a loaded container; returns (global_step, global_epoch).
 
     A file with weights only (e.g. to fine-tune) starts at step 0 with a fresh optimizer.
@@ -291,33 +329,81 @@ def resume(container: dict, optimizer: torch.optim.Optimizer | None, path: str |
     return int(container.get("global_step", 0)), int(container.get("global_epoch", 0))
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run leaves, for callers and tests: where it stopped and its last evaluation."""
+
+    step: int
+    epoch: int
+    eval: dict[str, float]  # the last evaluation's mean losses (empty when no step was run)
+    checkpoint: Path | None  # the last checkpoint written (None when no step was run)
+    model: nn.Module  # the trained network, unwrapped from DDP
+
+
 # --- logging ---------------------------------------------------------------------------------------------
 
 
-class Logger:
-    """TensorBoard scalars and `log.csv` (wall_time, step, tag, value) in the checkpoint folder; rank 0 only."""
+@dataclass
+class Running:
+    """Running means of named losses, for tqdm and the logs."""
 
-    def __init__(self, folder: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.writer = None
-        self.csv = None
-        if not enabled:
+    sums: dict[str, float] = field(default_factory=dict)
+    n: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        self.sums = {k: self.sums.get(k, 0.0) + float(v) for k, v in values.items()}
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+class Monitor:
+    """What a run tells the user, the same for both trainers. Rank 0 notes how the run was started
+    (run_options.txt) and prints a banner; a tqdm bar shows the running losses; every `--log_interval`
+    steps their means, the throughput and the given scalars go to TensorBoard and `log.csv` (wall_time,
+    step, tag, value); each evaluation is logged and printed. `log.csv` is appended to, so that a resumed
+    run continues it: the one file not written atomically. As a context manager, it closes its files
+    however the run ends.
+    """
+
+    def __init__(self, folder: Path, ctx: Context, config: TrainConfig, banner: str, step: int) -> None:
+        from tqdm import tqdm
+
+        self.ctx, self.interval, self.writer, self.csv_file = ctx, config.log_interval, None, None
+        show = ctx.is_main and not config.no_tqdm
+        self.bar = tqdm(total=config.max_steps, initial=step, disable=not show, dynamic_ncols=True, unit="step")
+        self.running, self.shown = Running(), Running()  # since the last log line; since the start
+        self.tick = time.time()
+        if not ctx.is_main:
             return
+        write_options(folder, config)
+        print(banner)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(folder / "tensorboard"))
         except ImportError:
             print("note: tensorboard is not installed; logging to log.csv only", file=sys.stderr)
-        path = folder / "log.csv"
-        new = not path.exists()
-        self.csv_file = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
+        new = not (folder / "log.csv").exists()
+        self.csv_file = open(folder / "log.csv", "a", newline="")  # noqa: SIM115 - open for the whole run
         self.csv = csv.writer(self.csv_file)
         if new:
             self.csv.writerow(["wall_time", "step", "tag", "value"])
 
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.csv_file is not None:
+            self.csv_file.close()
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
+        """Log `values` (tag: value) at `step`; a no-op off rank 0."""
+        if self.csv_file is None:
             return
         now = time.time()
         for tag, value in values.items():
@@ -326,50 +412,33 @@ class Logger:
             self.csv.writerow([f"{now:.3f}", step, tag, f"{value:.6g}"])
         self.csv_file.flush()
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.csv is not None:
-            self.csv_file.close()
+    def trained(self, step: int, epoch: int, losses: dict[str, float], samples: int, **scalars: float) -> None:
+        """After each training step: `losses` of this step, `samples` in this rank's batch."""
+        self.running.add(losses)
+        self.shown.add(losses)
+        self.bar.update(1)
+        self.bar.set_postfix({"epoch": epoch} | {k: f"{v:.4f}" for k, v in self.shown.means().items()})
+        if step % self.interval == 0:
+            rate = self.running.n * samples * self.ctx.world_size / (time.time() - self.tick)
+            values = self.running.means() | scalars | {"samples_per_s": rate}
+            self.scalars(step, {f"train/{k}": v for k, v in values.items()})
+            self.running, self.tick = Running(), time.time()
+
+    def evaluated(self, step: int, result: dict[str, float], **scalars: float) -> None:
+        """After each evaluation: its mean losses, and the training scalars it decided (logged as train/)."""
+        self.scalars(step, {f"eval/{k}": v for k, v in result.items()} | {f"train/{k}": v for k, v in scalars.items()})
+        if self.ctx.is_main:
+            notes = [f"{k} {v:.4f}" for k, v in result.items()] + [f"{k} {v}" for k, v in scalars.items()]
+            self.bar.write(f"step {step}: eval " + ", ".join(notes))
+
+    def finished(self, result: RunResult) -> None:
+        if self.ctx.is_main:
+            losses = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+            self.bar.write(f"step {result.step}: eval {losses}; checkpoint {result.checkpoint}")
 
 
-def progress(total: int | None, initial: int, enabled: bool):
-    """The tqdm bar of the training loop (a no-op object off rank 0 or with --no_tqdm)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
-
-
-class Running:
-    """Running means of named losses since the last reset, for tqdm and the logs."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n = 0
-
-    def add(self, **values: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.n += 1
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
-
-    def reset(self) -> None:
-        self.sums, self.n = {}, 0
-
-
-def start_run(folder: Path, ctx, args: argparse.Namespace, hp: HParams, banner: str, step: int):
-    """Rank 0 notes how the run was started and says what it trains; every rank gets its logger and bar."""
-    logger = Logger(folder, ctx.is_main)
-    if ctx.is_main:
-        write_options(folder, args, hp)
-        print(banner)
-    return logger, progress(args.max_steps, step, ctx.is_main and not args.no_tqdm)
-
-
-def write_options(folder: Path, args: argparse.Namespace, hp: HParams) -> None:
+def write_options(folder: Path, config: TrainConfig) -> None:
     """A note of how the run was started, beside its checkpoints."""
-    lines = [" ".join(sys.argv), *(f"--{k} {v}" for k, v in sorted(vars(args).items()))]
-    lines += [f"{k}={v}" for k, v in hp.values().items()]
-    (folder / "run_options.txt").write_text("\n".join(lines) + "\n")
+    lines = [" ".join(sys.argv), *(f"--{k} {v}" for k, v in config.flags().items())]
+    lines += [f"{k}={v}" for k, v in config.hparams.values().items()]
+    write_text_atomic(folder / "run_options.txt", "\n".join(lines) + "\n")

@@ -24,7 +24,8 @@ rest of its batch. Results and the 0.75 switch-over point differ between the two
 Evaluation (L1, sync loss; with --gan the perceptual and discriminator losses) runs at step 1 and every
 `eval_interval` steps over `--eval_steps` val batches; checkpoints (`checkpoint_step*.pth`, with --gan also
 `disc_checkpoint_step*.pth`) and sample collages (`samples_step*/`: reference | masked input | generated |
-ground truth) every `checkpoint_interval` steps.
+ground truth) every `checkpoint_interval` steps. At a step that does both, the evaluation comes first, so
+the checkpoint holds the sync-loss weight it decided and a resumed run goes on as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
 
 import training
 from checkpoints import load_weights
 from data import SYNCNET_T, Wav2LipDataset
 from errors import run_cli
+from files import atomic_path
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss
 
 EVAL_STEPS = 700  # the original's batches per evaluation, cycling through its loader
@@ -52,27 +57,64 @@ SYNC_SWITCH_LOSS = 0.75  # the eval sync loss under which the sync loss is switc
 SYNC_WT_ON, SYNC_WT_ON_GAN = 0.01, 0.03
 
 
+@dataclass(frozen=True, kw_only=True)
+class GeneratorConfig(training.TrainConfig):
+    """Everything a run of the generator needs: the common flags and the generator's own."""
+
+    syncnet_checkpoint_path: str = training.option(help="the trained expert (e.g. checkpoints/lipsync_expert.pth)")
+    disc_checkpoint_path: str | None = training.option(None, "resume the discriminator from this (--gan)")
+    gan: bool = training.option(False, "train with the visual-quality discriminator")
+    expert_eval_mode: bool = training.option(False, "frozen expert in eval mode (default: train mode, as original)")
+
+
 def build_parser(gan_default: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         prog="hq_wav2lip_train.py" if gan_default else "wav2lip_train.py",
     )
-    training.add_common_arguments(parser)
-    parser.add_argument(
-        "--syncnet_checkpoint_path", required=True, help="the trained expert (e.g. checkpoints/lipsync_expert.pth)"
-    )
-    parser.add_argument("--disc_checkpoint_path", default=None, help="resume the discriminator from this (--gan)")
-    parser.add_argument(
-        "--gan", action="store_true", default=gan_default, help="train with the visual-quality discriminator"
-    )
-    parser.add_argument(
-        "--expert_eval_mode", action="store_true", help="frozen expert in eval mode (default: train mode, as original)"
-    )
+    training.add_config_arguments(parser, GeneratorConfig)
+    parser.set_defaults(gan=gan_default)
     return parser
 
 
-def sync_loss(syncnet, mel: torch.Tensor, g: torch.Tensor, ctx, amp: str) -> torch.Tensor:
+def config_from_argv(argv: list[str] | None = None, gan_default: bool = False) -> GeneratorConfig:
+    return training.config_from_args(GeneratorConfig, build_parser(gan_default).parse_args(argv))
+
+
+@dataclass
+class SyncWeight:
+    """The sync loss's weight over a run: `value` (the hparams' syncnet_wt, 0) until an eval sync loss
+    falls below `threshold`, then `on` for good, as the original. The original kept it in its global
+    hparams and lost it on resume; here it is state saved in every checkpoint and restored from it.
+    """
+
+    value: float
+    on: float
+    threshold: float = SYNC_SWITCH_LOSS
+
+    def update(self, eval_sync_loss: float) -> float:
+        """Switch on below the threshold; never lower the weight (nor one set higher with --hparams)."""
+        if eval_sync_loss < self.threshold:
+            self.value = max(self.value, self.on)
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+@dataclass(frozen=True)
+class GeneratorResult(training.RunResult):
+    """A finished generator run: the common result, the sync-loss weight reached and the discriminator."""
+
+    syncnet_wt: float
+    disc: Wav2Lip_disc_qual | None
+
+
+def sync_loss(syncnet: nn.Module, mel: torch.Tensor, g: torch.Tensor, ctx: training.Context, amp: str) -> torch.Tensor:
     """The expert's BCE of the generated window (B, 3, T, H, W) against "in sync": lower halves, frames on channels."""
     lower = g[:, :, :, g.size(3) // 2 :]
     frames = torch.cat([lower[:, :, i] for i in range(SYNCNET_T)], dim=1)
@@ -82,7 +124,7 @@ def sync_loss(syncnet, mel: torch.Tensor, g: torch.Tensor, ctx, amp: str) -> tor
 
 
 @contextlib.contextmanager
-def frozen(module: torch.nn.Module):
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """No parameter gradients inside (the input still gets its gradient)."""
     flags = [p.requires_grad for p in module.parameters()]
     for p in module.parameters():
@@ -94,19 +136,17 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def perceptual_loss(disc, g: torch.Tensor, ctx, amp: str) -> torch.Tensor:
-    """The generator's adversarial loss: BCE of the discriminator on generated frames against "real".
-
-    The discriminator's own gradients are not needed here (the original computed and then zeroed them), so
-    its parameters are frozen and its DDP wrapper bypassed.
-    """
+def perceptual_loss(disc: nn.Module, g: torch.Tensor, ctx: training.Context, amp: str) -> torch.Tensor:
+    """`disc.perceptual_forward(g)` under autocast. The discriminator's own gradients are not needed for
+    the generator's step (the original computed and then zeroed them), so its parameters are frozen and
+    its DDP wrapper bypassed."""
     with frozen(training.unwrap(disc)) as d, training.autocast(ctx, amp):
-        pred = d(g)
-    pred = pred.float()
-    return F.binary_cross_entropy(pred, torch.ones_like(pred))
+        return d.perceptual_forward(g)
 
 
-def disc_losses(disc, gt: torch.Tensor, g: torch.Tensor, ctx, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+def disc_losses(
+    disc: nn.Module, gt: torch.Tensor, g: torch.Tensor, ctx: training.Context, amp: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE of the discriminator on real (label 1) and generated (label 0) frames, in one forward pass.
 
     The discriminator has no batch statistics, so one pass over both equals the original's two.
@@ -122,184 +162,165 @@ def disc_losses(disc, gt: torch.Tensor, g: torch.Tensor, ctx, amp: str) -> tuple
 def save_sample_images(x: torch.Tensor, g: torch.Tensor, gt: torch.Tensor, step: int, folder: Path) -> None:
     """The original's collages: per sample and frame, reference | masked input | generated | ground truth."""
 
-    def to_uint8(t):
+    def to_uint8(t: torch.Tensor) -> np.ndarray:
         return (t.detach().float().cpu().numpy().transpose(0, 2, 3, 4, 1) * 255.0).astype(np.uint8)
 
     x, g, gt = to_uint8(x), to_uint8(g), to_uint8(gt)
-    refs, inps = x[..., 3:], x[..., :3]
+    collage = np.concatenate((x[..., 3:], x[..., :3], g, gt), axis=-2)
     out = folder / f"samples_step{step:09d}"
-    out.mkdir(exist_ok=True)
-    collage = np.concatenate((refs, inps, g, gt), axis=-2)
     for b, frames in enumerate(collage):
         for t, frame in enumerate(frames):
-            cv2.imwrite(str(out / f"{b}_{t}.jpg"), frame)
+            with atomic_path(out / f"{b}_{t}.jpg") as tmp:
+                cv2.imwrite(str(tmp), frame)
 
 
-def evaluate(model, syncnet, disc, loader, ctx: training.Context, amp: str, max_batches: int) -> dict[str, float]:
+@dataclass
+class Networks:
+    """The generator (and with --gan the discriminator), their optimizers and scalers, and the frozen
+    expert; `ddp_*` are the DDP-wrapped modules that the training steps call (the modules themselves
+    under one process)."""
+
+    model: Wav2Lip
+    optimizer: torch.optim.Optimizer
+    syncnet: SyncNet_color
+    disc: Wav2Lip_disc_qual | None
+    disc_optimizer: torch.optim.Optimizer | None
+    ddp_model: nn.Module
+    ddp_disc: nn.Module | None
+    scaler: torch.amp.GradScaler
+    disc_scaler: torch.amp.GradScaler
+
+
+def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Networks, SyncWeight, int, int]:
+    """The networks, resumed from the checkpoints given, with the sync-loss weight; and the step and
+    epoch to start from."""
+    hp = config.hparams
+    syncnet = SyncNet_color().to(ctx.device)
+    load_weights(syncnet, config.syncnet_checkpoint_path, "SyncNet_color", "--syncnet_checkpoint_path")
+    syncnet.requires_grad_(False).train(not config.expert_eval_mode)
+
+    model = Wav2Lip().to(ctx.device)
+    betas = (0.5, 0.999) if config.gan else (0.9, 0.999)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], hp.initial_learning_rate, betas)
+    sync_weight = SyncWeight(hp.syncnet_wt, SYNC_WT_ON_GAN if config.gan else SYNC_WT_ON, SYNC_SWITCH_LOSS)
+    step, epoch = 0, 0
+    if config.checkpoint_path:
+        container = load_weights(model, config.checkpoint_path, "Wav2Lip", "--checkpoint_path")
+        step, epoch = training.resume(container, optimizer, config.checkpoint_path)
+        if "sync_weight" in container:
+            sync_weight.load_state_dict(container["sync_weight"])
+        elif "syncnet_wt" in container:  # the checkpoints of this project's first version
+            sync_weight.load_state_dict({"value": container["syncnet_wt"]})
+    disc = disc_optimizer = None
+    if config.gan:
+        disc = Wav2Lip_disc_qual().to(ctx.device)
+        params = [p for p in disc.parameters() if p.requires_grad]
+        disc_optimizer = torch.optim.Adam(params, hp.disc_initial_learning_rate, (0.5, 0.999))
+        if config.disc_checkpoint_path:
+            container = load_weights(disc, config.disc_checkpoint_path, "Wav2Lip_disc_qual", "--disc_checkpoint_path")
+            training.resume(container, disc_optimizer, config.disc_checkpoint_path)
+    ddp_disc = training.wrap_ddp(disc, ctx) if disc is not None else None
+    scalers = training.grad_scaler(ctx, config.amp), training.grad_scaler(ctx, config.amp)
+    nets = Networks(model, optimizer, syncnet, disc, disc_optimizer, training.wrap_ddp(model, ctx), ddp_disc, *scalers)
+    return nets, sync_weight, step, epoch
+
+
+def train_step(
+    nets: Networks, batch: list[torch.Tensor], syncnet_wt: float, disc_wt: float, ctx: training.Context, amp: str
+) -> tuple[dict[str, float], torch.Tensor]:
+    """One step of the generator, then (--gan) one of the discriminator; returns the losses and the
+    generated window. The sync loss is only computed while its weight is on, as the original."""
+    x, indiv_mels, mel, gt = batch
+    with training.autocast(ctx, amp):
+        g = nets.ddp_model(indiv_mels, x)
+    g = g.float()
+    l1 = F.l1_loss(g, gt)
+    zero = torch.zeros((), device=g.device)
+    sync = sync_loss(nets.syncnet, mel, g, ctx, amp) if syncnet_wt > 0 else zero
+    percep = perceptual_loss(nets.disc, g, ctx, amp) if disc_wt > 0 else zero
+    loss = syncnet_wt * sync + disc_wt * percep + (1.0 - syncnet_wt - disc_wt) * l1
+    training.optimizer_step(loss, nets.optimizer, nets.scaler)
+    losses = {"l1": l1.item(), "sync_loss": sync.item()}
+    if nets.disc is not None:  # the discriminator: real against generated
+        real, fake = disc_losses(nets.ddp_disc, gt, g, ctx, amp)
+        training.optimizer_step(real + fake, nets.disc_optimizer, nets.disc_scaler)
+        losses |= {"perceptual": percep.item(), "disc_real": real.item(), "disc_fake": fake.item()}
+    return losses, g
+
+
+def evaluate(nets: Networks, loader: DataLoader, ctx: training.Context, amp: str, max_batches: int) -> dict[str, float]:
     """Mean eval losses over up to `max_batches` val batches per rank, averaged over all ranks."""
-    model.eval()
-    if disc is not None:
-        disc.eval()
+    modules = [m for m in (nets.model, nets.disc) if m is not None]
+    for m in modules:
+        m.eval()
     sums, count = {}, 0
     with torch.no_grad():
-        for i, (x, indiv_mels, mel, gt) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
-            x, indiv_mels, mel, gt = (t.to(ctx.device, non_blocking=True) for t in (x, indiv_mels, mel, gt))
+            x, indiv_mels, mel, gt = (t.to(ctx.device, non_blocking=True) for t in batch)
             with training.autocast(ctx, amp):
-                g = model(indiv_mels, x)
+                g = nets.model(indiv_mels, x)
             g = g.float()
-            losses = {"l1": F.l1_loss(g, gt), "sync_loss": sync_loss(syncnet, mel, g, ctx, amp)}
-            if disc is not None:
-                losses["perceptual"] = perceptual_loss(disc, g, ctx, amp)
-                losses["disc_real"], losses["disc_fake"] = disc_losses(disc, gt, g, ctx, amp)
+            losses = {"l1": F.l1_loss(g, gt), "sync_loss": sync_loss(nets.syncnet, mel, g, ctx, amp)}
+            if nets.disc is not None:
+                losses["perceptual"] = perceptual_loss(nets.disc, g, ctx, amp)
+                losses["disc_real"], losses["disc_fake"] = disc_losses(nets.disc, gt, g, ctx, amp)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(gt)
             count += len(gt)
-    model.train()
-    if disc is not None:
-        disc.train()
+    for m in modules:
+        m.train()
     return training.all_reduce_mean(sums, count, ctx)
 
 
-def train(args: argparse.Namespace) -> dict:
-    """The whole run; returns the final step, eval losses, syncnet_wt, checkpoint path and the model."""
-    with training.session(args) as (hp, ctx, folder, workers):
-        disc_wt = hp.disc_wt if args.gan else 0.0
+def save(folder: Path, nets: Networks, step: int, epoch: int, config: GeneratorConfig, sync_weight: SyncWeight) -> Path:
+    """The generator's checkpoint (with the sync-loss weight) and, with --gan, the discriminator's."""
+    hp, keep = config.hparams, config.keep_last
+    extra = {"sync_weight": sync_weight.state_dict(), "gan": config.gan}
+    path = training.save(folder, nets.model, nets.optimizer, step, epoch, hp, keep_last=keep, **extra)
+    if nets.disc is not None:
+        training.save(folder, nets.disc, nets.disc_optimizer, step, epoch, hp, prefix="disc_", keep_last=keep)
+    return path
 
-        # data
-        train_set = Wav2LipDataset(args.data_root, "train", args.filelists_dir, hp)
-        val_set = Wav2LipDataset(args.data_root, "val", args.filelists_dir, hp)
+
+def train(config: GeneratorConfig) -> GeneratorResult:
+    """The whole run, from the config to the last checkpoint; returns where it stopped."""
+    hp, disc_wt = config.hparams, config.hparams.disc_wt if config.gan else 0.0
+    with training.session(config) as (ctx, folder):
+        train_set, val_set = (Wav2LipDataset(config.data_root, s, config.filelists_dir, hp) for s in ("train", "val"))
         gan_eval = min(EVAL_STEPS_GAN, math.ceil(len(val_set.videos) / hp.batch_size))
-        eval_steps = training.eval_batches(args.eval_steps, gan_eval if args.gan else EVAL_STEPS, ctx)
-        train_loader = training.make_loader(
-            train_set, hp.batch_size, ctx, shuffle=True, num_workers=workers, seed=args.seed, drop_last=True
-        )
-        val_loader = training.make_loader(
-            val_set, hp.batch_size, ctx, shuffle=True, num_workers=min(workers, 4), seed=1, drop_last=False
-        )
-
-        # the frozen expert
-        syncnet = SyncNet_color().to(ctx.device)
-        load_weights(syncnet, args.syncnet_checkpoint_path, "SyncNet_color", "--syncnet_checkpoint_path")
-        for p in syncnet.parameters():
-            p.requires_grad_(False)
-        syncnet.train(not args.expert_eval_mode)
-
-        # generator (and discriminator), optimizers, resume
-        betas = (0.5, 0.999) if args.gan else (0.9, 0.999)
-        model = Wav2Lip().to(ctx.device)
-        optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], hp.initial_learning_rate, betas
-        )
-        step, epoch, syncnet_wt = 0, 0, hp.syncnet_wt
-        if args.checkpoint_path:
-            container = load_weights(model, args.checkpoint_path, "Wav2Lip", "--checkpoint_path")
-            step, epoch = training.resume(container, optimizer, args.checkpoint_path)
-            syncnet_wt = float(container.get("syncnet_wt", syncnet_wt))
-        disc = disc_optimizer = None
-        if args.gan:
-            disc = Wav2Lip_disc_qual().to(ctx.device)
-            disc_optimizer = torch.optim.Adam(
-                [p for p in disc.parameters() if p.requires_grad], hp.disc_initial_learning_rate, (0.5, 0.999)
-            )
-            if args.disc_checkpoint_path:
-                container = load_weights(disc, args.disc_checkpoint_path, "Wav2Lip_disc_qual", "--disc_checkpoint_path")
-                training.resume(container, disc_optimizer, args.disc_checkpoint_path)
-        ddp_model = training.wrap_ddp(model, ctx)
-        ddp_disc = training.wrap_ddp(disc, ctx) if disc is not None else None
-        scaler, disc_scaler = training.grad_scaler(ctx, args.amp), training.grad_scaler(ctx, args.amp)
-        training.check_amp(ctx, args.amp)
-
-        banner = (f"generator{' + GAN' if args.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
-                  f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {syncnet_wt}")  # fmt: skip
-        logger, bar = training.start_run(folder, ctx, args, hp, banner, step)
-        running, shown = training.Running(), training.Running()
+        eval_steps = training.eval_batches(config.eval_steps, gan_eval if config.gan else EVAL_STEPS, ctx)
+        train_loader, val_loader = training.loaders(train_set, val_set, hp.batch_size, ctx, config, 4)
+        nets, sync_weight, step, epoch = build_networks(config, ctx)
         data = training.batches(train_loader, epoch)
-        last_eval, saved_at, evaluated_at, last_batch = {}, None, None, None
-        tick = time.time()
+        evaluation, path = {}, None
 
-        def checkpoint(x, g, gt) -> Path:
-            extra = {"syncnet_wt": syncnet_wt, "gan": args.gan}
-            path = training.save(folder, model, optimizer, step, epoch, hp, keep_last=args.keep_last, **extra)
-            if disc is not None:
-                training.save(folder, disc, disc_optimizer, step, epoch, hp, prefix="disc_", keep_last=args.keep_last)
-            save_sample_images(x, g, gt, step, folder)
-            return path
+        banner = (f"generator{' + GAN' if config.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
+                  f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {sync_weight.value}")  # fmt: skip
+        with training.Monitor(folder, ctx, config, banner, step) as monitor:
+            while not training.is_last(step, config.max_steps):
+                epoch, batch = next(data)
+                batch = [t.to(ctx.device, non_blocking=True) for t in batch]
+                losses, g = train_step(nets, batch, sync_weight.value, disc_wt, ctx, config.amp)
+                step += 1
+                lr = nets.optimizer.param_groups[0]["lr"]
+                monitor.trained(step, epoch, losses, len(g), syncnet_wt=sync_weight.value, lr=lr)
 
-        def run_eval() -> dict[str, float]:
-            nonlocal syncnet_wt
-            result = evaluate(model, syncnet, disc, val_loader, ctx, args.amp, eval_steps)
-            if result["sync_loss"] < SYNC_SWITCH_LOSS:  # switch on; never lower a weight set with --hparams
-                syncnet_wt = max(syncnet_wt, SYNC_WT_ON_GAN if args.gan else SYNC_WT_ON)
-            logger.scalars(step, {f"eval/{k}": v for k, v in result.items()} | {"train/syncnet_wt": syncnet_wt})
-            if ctx.is_main:
-                bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-                          + f"; syncnet_wt {syncnet_wt}")  # fmt: skip
-            return result
-
-        # the loop
-        while args.max_steps is None or step < args.max_steps:
-            epoch, (x, indiv_mels, mel, gt) = next(data)
-            x, indiv_mels, mel, gt = (t.to(ctx.device, non_blocking=True) for t in (x, indiv_mels, mel, gt))
-
-            # the generator
-            with training.autocast(ctx, args.amp):
-                g = ddp_model(indiv_mels, x)
-            g = g.float()
-            l1 = F.l1_loss(g, gt)
-            sync = sync_loss(syncnet, mel, g, ctx, args.amp) if syncnet_wt > 0 else torch.zeros((), device=g.device)
-            percep = perceptual_loss(disc, g, ctx, args.amp) if disc_wt > 0 else torch.zeros((), device=g.device)
-            loss = syncnet_wt * sync + disc_wt * percep + (1.0 - syncnet_wt - disc_wt) * l1
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-            # the discriminator: real against generated
-            losses = {"l1": l1.item(), "sync_loss": sync.item()}
-            if disc is not None:
-                real, fake = disc_losses(ddp_disc, gt, g, ctx, args.amp)
-                disc_optimizer.zero_grad(set_to_none=True)
-                disc_scaler.scale(real + fake).backward()
-                disc_scaler.step(disc_optimizer)
-                disc_scaler.update()
-                losses |= {"perceptual": percep.item(), "disc_real": real.item(), "disc_fake": fake.item()}
-            step += 1
-            last_batch = (x, g, gt)
-
-            running.add(**losses)
-            shown.add(**losses)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in shown.means().items()} | {"wt": syncnet_wt})
-            if step % args.log_interval == 0:
-                rate = running.n * len(gt) * ctx.world_size / (time.time() - tick)
-                scalars = {f"train/{k}": v for k, v in running.means().items()}
-                scalars |= {"train/syncnet_wt": syncnet_wt, "train/lr": optimizer.param_groups[0]["lr"]}
-                logger.scalars(step, scalars | {"train/samples_per_s": rate})
-                running.reset()
-                tick = time.time()
-
-            if step % hp.checkpoint_interval == 0 and ctx.is_main:
-                checkpoint(x, g, gt)
-                saved_at = step
-            if step == 1 or step % hp.eval_interval == 0:
-                last_eval, evaluated_at = run_eval(), step
-
-        # the end (--max_steps): evaluate and save unless this step just did
-        if evaluated_at != step:
-            last_eval = run_eval()
-        path = training.checkpoint_path(folder, step)
-        if saved_at != step and ctx.is_main and last_batch is not None:
-            path = checkpoint(*last_batch)
-        bar.close()
-        logger.close()
-        return {"step": step, "epoch": epoch, "eval": last_eval, "syncnet_wt": syncnet_wt, "checkpoint": path,
-                "model": model, "disc": disc}  # fmt: skip
+                last = training.is_last(step, config.max_steps)  # the end: evaluate and save whatever the step
+                if step == 1 or step % hp.eval_interval == 0 or last:
+                    evaluation = evaluate(nets, val_loader, ctx, config.amp, eval_steps)
+                    monitor.evaluated(step, evaluation, syncnet_wt=sync_weight.update(evaluation["sync_loss"]))
+                if (step % hp.checkpoint_interval == 0 or last) and ctx.is_main:
+                    path = save(folder, nets, step, epoch, config, sync_weight)
+                    save_sample_images(batch[0], g, batch[3], step, folder)
+            result = GeneratorResult(step, epoch, evaluation, path, nets.model, sync_weight.value, nets.disc)
+            monitor.finished(result)
+        return result
 
 
-def main(argv: list[str] | None = None, gan_default: bool = False) -> dict:
-    return train(build_parser(gan_default).parse_args(argv))
+def main(argv: list[str] | None = None, gan_default: bool = False) -> None:
+    train(config_from_argv(argv, gan_default))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Peak memory of inference on the same clip looped to 8 s and to 64 s: it must not grow with length.
+"""Peak memory of inference: flat in the clip's length, and bounded in bytes at any frame size.
 
-    python bench/inference_memory.py                     # a synthetic 512x512 clip it makes itself
-    python bench/inference_memory.py --face clip.mp4 --box 100 400 120 380
+    python -m bench.inference_memory                     # synthetic clips it makes itself
+    python -m bench.inference_memory --face clip.mp4 --box 100 400 120 380 --cases length
 
-Each length runs `inference.py --box ...` in a child process (speech of that length, the video looping
-forward), and its peak RSS is read from the kernel (`ru_maxrss` of the waited-for child). Target: the
-64 s / 8 s ratio <= 1.15. The original: 2.2 GB at 8 s and 3.4 GB at 64 s on a 512x512 clip.
+Each case runs `inference.py --box ...` in a child process and reads its peak RSS from the kernel
+(`ru_maxrss` of the waited-for child), printed next to the memory budget (`--memory_budget`, MiB):
+- length: a 512x512 clip looped to 8 s and to 64 s of speech; target: the 64 s / 8 s ratio <= 1.15
+  (the original: 2.2 GB at 8 s, 3.4 GB at 64 s);
+- 4k: a 3840x3840 video, 3 s; target <= 1.5 GB (the original: 7.7 GB);
+- still: a 3840x5376 photo (20 MP) with 12 s of speech; target <= 1.5 GB.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+import video
+from audio import save_wav
+from bench.inference_speed import synthetic_clip
+from tools.detweights import det_state_dict
 
-import video  # noqa: E402
-from audio import save_wav  # noqa: E402
-from bench.inference_speed import synthetic_clip  # noqa: E402
-from tools.detweights import det_state_dict  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+CASES = ("length", "4k", "still")
 
 
 def speech_of(seconds: float, path: Path, sr: int = 16000) -> Path:
@@ -44,33 +49,60 @@ def peak_rss_mib(cmd: list[str]) -> float:
     return usage.ru_maxrss / 1024  # KiB on Linux
 
 
+def run_case(face: Path, seconds: float, tmp: Path, checkpoint: Path, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of `inference.py --box` (the centre of the frame) on `face` with `seconds` of speech."""
+    info = video.probe(face)
+    box = args.box or [info.height // 4, info.height * 3 // 4, info.width // 4, info.width * 3 // 4]
+    speech = speech_of(seconds, tmp / f"speech_{seconds:g}.wav")
+    cmd = [sys.executable, str(REPO / "inference.py"), "--checkpoint_path", str(checkpoint),
+           "--face", str(face), "--audio", str(speech), "--outfile", str(tmp / "out.mp4"),
+           "--box", *map(str, box), "--device", args.device, "--quiet"]  # fmt: skip
+    if args.memory_budget:
+        cmd += ["--memory_budget", str(args.memory_budget)]
+    peak = peak_rss_mib(cmd)
+    budget = args.memory_budget or 512
+    print(f"{face.name} ({info.width}x{info.height}), {seconds:g} s of speech: peak RSS {peak:7.0f} MiB "
+          f"(memory budget {budget} MiB)", flush=True)  # fmt: skip
+    return peak
+
+
+def still_photo(folder: Path, width: int = 3840, height: int = 5376) -> Path:
+    """A 20-megapixel JPEG of smooth noise, as a phone's portrait would weigh."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    path = folder / f"still_{width}x{height}.jpg"
+    cv2.imwrite(str(path), cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--face", help="video (default: a synthetic 512x512, 8 s clip)")
+    p.add_argument("--face", help="video for the length case (default: a synthetic 512x512, 8 s clip)")
     p.add_argument("--box", nargs=4, type=int, help="face box (top bottom left right); default: the centre")
     p.add_argument("--checkpoint", help="Wav2Lip checkpoint (default: deterministic weights)")
     p.add_argument("--lengths", nargs="+", type=float, default=[8.0, 64.0], help="seconds of speech")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--memory_budget", type=int, help="passed to inference.py (default: its own)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        face = Path(args.face) if args.face else synthetic_clip(tmp, 8.0, 512, 512)[0]
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = tmp / "wav2lip_det.pth"
+        checkpoint = Path(args.checkpoint) if args.checkpoint else tmp / "wav2lip_det.pth"
+        if args.checkpoint is None:
             torch.save({"state_dict": det_state_dict("Wav2Lip")}, checkpoint)
-        info = video.probe(face)
-        box = args.box or [info.height // 4, info.height * 3 // 4, info.width // 4, info.width * 3 // 4]
-        peaks = {}
-        for seconds in args.lengths:
-            speech = speech_of(seconds, tmp / f"speech_{seconds:g}.wav")
-            cmd = [sys.executable, str(REPO / "inference.py"), "--checkpoint_path", str(checkpoint),
-                   "--face", str(face), "--audio", str(speech), "--outfile", str(tmp / "out.mp4"),
-                   "--box", *map(str, box), "--device", args.device, "--quiet"]  # fmt: skip
-            peaks[seconds] = peak_rss_mib(cmd)
-            print(f"{seconds:5.0f} s of speech ({info.width}x{info.height}): peak RSS {peaks[seconds]:7.0f} MiB")
-        first, last = args.lengths[0], args.lengths[-1]
-        print(f"ratio {last:g} s / {first:g} s: {peaks[last] / peaks[first]:.3f} (target <= 1.15; the original 1.55)")
+        if "length" in args.cases:
+            face = Path(args.face) if args.face else synthetic_clip(tmp, 8.0, 512, 512)[0]
+            peaks = {seconds: run_case(face, seconds, tmp, checkpoint, args) for seconds in args.lengths}
+            first, last = args.lengths[0], args.lengths[-1]
+            print(
+                f"ratio {last:g} s / {first:g} s: {peaks[last] / peaks[first]:.3f} (target <= 1.15; the original 1.55)"
+            )
+        if "4k" in args.cases:
+            peak = run_case(synthetic_clip(tmp, 3.0, 3840, 3840)[0], 3.0, tmp, checkpoint, args)
+            print(f"3840x3840 video, 3 s: {peak / 1024:.2f} GiB (target <= 1.5 GB; the original 7.7 GB)")
+        if "still" in args.cases:
+            peak = run_case(still_photo(tmp), 12.0, tmp, checkpoint, args)
+            print(f"3840x5376 still, 12 s: {peak / 1024:.2f} GiB (target <= 1.5 GB)")
 
 
 if __name__ == "__main__":

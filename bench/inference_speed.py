@@ -41,8 +41,8 @@ from options import Options
 from streams import ordered_map
 from tools.detweights import det_state_dict
 
-ORIGINAL_PIPELINE = Path(__file__).resolve().parent / "original_pipeline.py"
-INFERENCE = Path(__file__).resolve().parent.parent / "inference.py"
+REPO = Path(__file__).resolve().parent.parent
+INFERENCE = REPO / "inference.py"
 
 
 def timed_command(cmd: list[str]) -> tuple[float, str]:
@@ -50,13 +50,13 @@ def timed_command(cmd: list[str]) -> tuple[float, str]:
     (inference.py tunes its own)."""
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     start = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=REPO)
     return time.perf_counter() - start, out.stdout
 
 
 def original_way(face: Path, speech: Path, box: list[int], checkpoint: Path) -> tuple[float, float]:
     """bench/original_pipeline.py: (frames/s of the whole command, frames/s of its pipeline alone)."""
-    seconds, out = timed_command([sys.executable, str(ORIGINAL_PIPELINE), "--face", str(face), "--audio",
+    seconds, out = timed_command([sys.executable, "-m", "bench.original_pipeline", "--face", str(face), "--audio",
                                   str(speech), "--checkpoint", str(checkpoint), "--box", *map(str, box)])  # fmt: skip
     lines = out.strip().splitlines()
     return int(lines[-2].split()[0]) / seconds, float(lines[-1])

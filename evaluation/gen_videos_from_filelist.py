@@ -16,6 +16,7 @@ original skips them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
@@ -25,8 +26,14 @@ from devices import shard, torchrun_rank
 from errors import UserError, run_cli
 from files import check_writable
 from hparams import HParams, add_hparams_argument, from_argument, hparams
+from options import ModelOptions, Options, add_arguments, from_namespace
 
 Generate = Callable[[str, str, str], None]  # (face video, audio source, output file)
+# The original evaluation script's own defaults, which its published LSE figures were made with: no padding,
+# and S3FD batches of 64 (which anchors S3FD considers depends on the whole batch). Every other option is
+# inference.py's, from the one declaration in options.py.
+PROTOCOL_DEFAULTS = {"pads": (0, 0, 0, 0), "face_det_batch_size": 64}
+PER_CLIP_OPTIONS = [f.name for f in dataclasses.fields(Options) if f.name != "quiet"]  # quiet: one bar for the list
 
 
 def read_pairs(filelist: str | os.PathLike, data_root: str | os.PathLike) -> list[tuple[str, str]]:
@@ -85,14 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filelist", required=True, help="filelist of '<audio source> <video target>' lines")
     p.add_argument("--results_dir", required=True, help="folder for <line index>.mp4 outputs")
     p.add_argument("--data_root", required=True, help="dataset root the filelist paths are relative to")
-    p.add_argument("--checkpoint_path", required=True, help="Wav2Lip generator checkpoint")
-    p.add_argument("--pads", nargs=4, type=int, default=[0, 0, 0, 0], help="padding (top, bottom, left, right)")
-    p.add_argument("--face_det_batch_size", type=int, default=64)
-    p.add_argument("--wav2lip_batch_size", type=int, default=128)
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
-    p.add_argument(
-        "--detector_path", default=None, help="S3FD weights (default: face_detection/detection/sfd/s3fd.pth)"
-    )
+    add_arguments(p, ModelOptions, only=("checkpoint_path", "device", "detector_path"), required=("checkpoint_path",))
+    add_arguments(p, Options, only=PER_CLIP_OPTIONS, defaults=PROTOCOL_DEFAULTS)
     add_hparams_argument(p)
     return p.parse_args(argv)
 
@@ -106,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         str(rank.local_device(args.device)),  # under torchrun, this rank's own GPU
         args.detector_path,
         from_argument(args.hparams),
-        pads=args.pads,
-        face_det_batch_size=args.face_det_batch_size,
-        wav2lip_batch_size=args.wav2lip_batch_size,
+        **from_namespace(Options, args),
     )
     report = generate_all(pairs, args.results_dir, generate, shard(range(len(pairs)), rank))
     print(

@@ -39,6 +39,11 @@ class Wav2Lip_disc_qual(nn.Module):
         return self.binary_pred(x).view(len(x), -1)
 
     def perceptual_forward(self, false_face_sequences: torch.Tensor) -> torch.Tensor:
-        """The generator's adversarial loss: BCE of the generated frames against the label 'real'."""
-        pred = self.forward(false_face_sequences)
-        return F.binary_cross_entropy(pred, torch.ones_like(pred))
+        """The generator's adversarial loss: BCE of the generated frames against the label 'real'.
+
+        The trainer calls this under autocast; BCE is computed in float32 outside it, since autocast
+        refuses `binary_cross_entropy` in half precision (the log of a probability near 0 or 1 underflows).
+        """
+        pred = self.forward(false_face_sequences).float()
+        with torch.autocast(pred.device.type, enabled=False):
+            return F.binary_cross_entropy(pred, torch.ones_like(pred))

@@ -65,7 +65,7 @@ def test_generate_all_resumes_and_skips_failures(tmp_path):
 def test_end_to_end_through_the_inference_api(tmp_path, wav2lip_checkpoint, s3fd_weights):
     """The real pipeline (deterministic Wav2Lip and S3FD weights): one model load, resume on a second run."""
     import video
-    from tests.test_video import write_video, write_wav
+    from tests.media import write_video, write_wav
 
     root = tmp_path / "lrs2"
     (root / "spk").mkdir(parents=True)
@@ -82,3 +82,16 @@ def test_end_to_end_through_the_inference_api(tmp_path, wav2lip_checkpoint, s3fd
     mtime = out.stat().st_mtime_ns
     gen.main(args)
     assert out.stat().st_mtime_ns == mtime
+
+
+def test_options_come_from_the_one_declaration():
+    import inference
+    from evaluation.gen_videos_from_filelist import parse_args
+
+    base = ["--filelist", "f", "--results_dir", "r", "--data_root", "d", "--checkpoint_path", "c"]
+    ours = vars(parse_args(base))
+    cli = vars(inference.build_parser().parse_args(["--checkpoint_path", "c", "--face", "f", "--audio", "a"]))
+    assert ours["pads"] == [0, 0, 0, 0] and ours["face_det_batch_size"] == 64  # the original protocol's
+    assert ours["wav2lip_batch_size"] is None  # 128 on a GPU, 16 on a CPU, as inference.py
+    shared = set(ours) & set(cli) - {"pads", "face_det_batch_size"}
+    assert len(shared) > 15 and all(ours[k] == cli[k] for k in shared)

@@ -14,33 +14,12 @@ import torch
 from errors import UserError
 from evaluation import lse, media
 from evaluation.syncnet import S, copy_parameters
+from tests.media import write_mpeg4
 from tools.detweights import DATA, assert_stats, det_state_dict, load_golden
 
 VIDEO = DATA / "lse_video.mp4"
 GOLDEN = load_golden("lse")
 LRS_SCRIPT = "evaluation.scores_LSE.calculate_scores_LRS"
-
-
-def write_video(path, frames_bgr, fps=25, audio=None, sample_rate=16000):
-    """A small mp4 (MPEG-4 part 2 video, AAC audio when given) made with PyAV."""
-    with av.open(str(path), "w") as c:
-        v = c.add_stream("mpeg4", rate=fps)
-        v.height, v.width = frames_bgr.shape[1:3]
-        v.pix_fmt = "yuv420p"
-        v.options = {"qscale": "2"}
-        a = None
-        if audio is not None:
-            a = c.add_stream("aac", rate=sample_rate)
-            a.layout = "mono"
-        for f in frames_bgr:
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="bgr24")))
-        c.mux(v.encode(None))
-        if a is not None:
-            frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.int16), format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
-            c.mux(a.encode(frame))
-            c.mux(a.encode(None))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +112,13 @@ def test_score_features_by_hand():
 
 
 def test_video_without_audio(tmp_path, model):
-    path = write_video(tmp_path / "silent.mp4", np.zeros((10, 64, 64, 3), np.uint8))
+    path = write_mpeg4(tmp_path / "silent.mp4", np.zeros((10, 64, 64, 3), np.uint8))
     with pytest.raises(UserError, match="silent.mp4: no audio stream"):
         lse.evaluate_video(model, path)
 
 
 def test_video_shorter_than_six_frames(tmp_path, model):
-    path = write_video(tmp_path / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8), audio=np.zeros(16000, np.int16))
+    path = write_mpeg4(tmp_path / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8), audio=np.zeros(16000, np.int16))
     with pytest.raises(UserError, match="short.mp4: too short for LSE.*at least 6 frames"):
         lse.evaluate_video(model, path)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evaluation import tracking
-from tests.test_evaluation_lse import write_video
+from tests.media import write_mpeg4
 
 H, W = 240, 320
 
@@ -48,7 +48,7 @@ class FakeDetector:
 
 def test_track_found_and_crop_centred(tmp_path):
     n = 130
-    path = write_video(tmp_path / "v.mp4", draw(n), audio=np.zeros(n * 640, np.int16))
+    path = write_mpeg4(tmp_path / "v.mp4", draw(n), audio=np.zeros(n * 640, np.int16))
     det = FakeDetector(missing=range(40, 50))  # ten missed detections are bridged
     tracks, count = tracking.find_tracks(path, det)
     assert count == n and det.sizes[0] == (H // 4, W // 4)  # detection at --facedet_scale 0.25
@@ -68,13 +68,13 @@ def test_track_found_and_crop_centred(tmp_path):
 
 def test_scene_cut_splits_tracks(tmp_path):
     n = 240
-    path = write_video(tmp_path / "cut.mp4", draw(n, scene_cut=120), audio=np.zeros(n * 640, np.int16))
+    path = write_mpeg4(tmp_path / "cut.mp4", draw(n, scene_cut=120), audio=np.zeros(n * 640, np.int16))
     tracks, _ = tracking.find_tracks(path, FakeDetector())
     assert [(t.frames[0], t.frames[-1]) for t in tracks] == [(0, 119), (120, 239)]
 
 
 def test_too_short_gives_no_track(tmp_path):
-    path = write_video(tmp_path / "short.mp4", draw(60), audio=np.zeros(60 * 640, np.int16))
+    path = write_mpeg4(tmp_path / "short.mp4", draw(60), audio=np.zeros(60 * 640, np.int16))
     assert tracking.score_real_video(None, path, FakeDetector()) == []
 
 
@@ -114,8 +114,8 @@ def test_syncnet_python_detector_file_is_refused(tmp_path):
 def test_phone_rotation_is_applied_as_ffmpeg_autorotates(tmp_path):
     """syncnet_python's ffmpeg calls autorotate; a phone clip's faces must come out upright here too."""
     from evaluation import media
-    from tests.test_video import face_frame
-    from tests.test_video import write_video as write_h264
+    from tests.media import face_frame
+    from tests.media import write_video as write_h264
 
     path = write_h264(tmp_path / "phone.mp4", 3, rotation=90)
     upright = np.rot90(face_frame(0))

@@ -15,8 +15,7 @@ import torch
 import inference
 import lipsync
 from errors import UserError, run_cli
-from tests.test_lipsync import FakeDetector
-from tests.test_video import read_output, write_empty_video, write_video, write_wav
+from tests.media import FakeDetector, read_output, write_empty_video, write_video, write_wav
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,28 +27,9 @@ from errors import UserError
 from face_detection import Box
 from hparams import hparams
 from models import Wav2Lip
-from tests.test_video import FACE_COLOR, face_frame, read_output, write_video, write_wav
+from tests.media import FakeDetector, face_frame, face_rect, read_output, write_video, write_wav
 
 FPS = 25
-
-
-class FakeDetector:
-    """One box per frame around the pixels of FACE_COLOR (None when there are too few); counts frames."""
-
-    def __init__(self) -> None:
-        self.frames_seen = 0
-
-    def get_detections_for_batch(self, frames: np.ndarray) -> list[tuple[int, int, int, int] | None]:
-        self.frames_seen += len(frames)
-        return [face_rect(f) for f in frames]
-
-
-def face_rect(frame: np.ndarray) -> tuple[int, int, int, int] | None:
-    near = np.abs(frame.astype(int) - FACE_COLOR).sum(-1) < 30
-    if near.sum() < 100:
-        return None
-    ys, xs = np.nonzero(near)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 @pytest.fixture(scope="session")
@@ -413,13 +394,13 @@ def test_progress_follows_the_stages_and_raising_cancels(wav2lip_checkpoint, cli
     assert [r for r in seen if r[0] == "lip-sync"] == [("lip-sync", i, 12) for i in range(1, 13)]
     assert seen.index(("detect faces", 12, 12)) < seen.index(("lip-sync", 1, 12))
 
-    class Cancelled(Exception):
+    class CancelledError(Exception):
         pass
 
     def cancel_at_5(stage, done, total):
         if stage == "lip-sync" and done == 5:
-            raise Cancelled
+            raise CancelledError
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(CancelledError):
         sync(clip["video"], clip["speech"], tmp_path / "b.mp4", quiet=True, on_progress=cancel_at_5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # no partial file left

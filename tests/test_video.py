@@ -1,13 +1,9 @@
-"""video.py: probing by content, rotation, constant-rate resampling, and the atomic H.264 + AAC writer.
-
-The media-making helpers here are shared by the lip-sync tests.
-"""
+"""video.py: probing by content, rotation, constant-rate resampling, and the atomic H.264 + AAC writer."""
 
 from __future__ import annotations
 
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -16,94 +12,8 @@ import numpy as np
 import pytest
 
 import video
-from audio import save_wav
 from errors import UserError
-
-SR = 16000
-
-
-def speech(seconds: float, sr: int = SR) -> np.ndarray:
-    """A voiced-sounding test signal: a 150 Hz buzz with harmonics, amplitude-modulated at 4 Hz."""
-    t = np.arange(int(round(seconds * sr))) / sr
-    buzz = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 6))
-    return (0.2 * buzz * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
-
-
-def write_wav(path: Path, seconds: float, sr: int = SR, silent: bool = False) -> Path:
-    wav = np.zeros(int(round(seconds * sr)), np.float32) if silent else speech(seconds, sr)
-    save_wav(wav, path, sr)
-    return path
-
-
-FACE_COLOR = (200, 180, 160)
-
-
-def face_frame(i: int, width: int = 160, height: int = 128, face: bool = True) -> np.ndarray:
-    """A frame with a smooth background and a bright 'face' square that drifts with i."""
-    yy, xx = np.mgrid[:height, :width]
-    frame = np.stack([(xx * 255 // width), (yy * 255 // height), np.full_like(xx, (i * 7) % 256)], -1)
-    frame = frame.astype(np.uint8)
-    if not face:
-        return frame
-    x, y = 40 + (i % 6) * 2, 30 + (i % 4)
-    frame[y : y + 60, x : x + 56] = FACE_COLOR
-    frame[y + 35 : y + 45, x + 15 : x + 41] = (40, 40, 120)  # a "mouth"
-    return frame
-
-
-def write_video(
-    path: Path, n_frames: int, fps: int = 25, size: tuple[int, int] = (160, 128), audio: Path | None = None,
-    rotation: int = 0, pts: list[int] | None = None, faceless: frozenset[int] = frozenset(),
-    matrix: list[int] | None = None,
-) -> Path:  # fmt: skip
-    """An H.264 video of `face_frame`s, optionally with an AAC track, display rotation or matrix, custom pts."""
-    width, height = size
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "10", "preset": "ultrafast"}
-        if pts is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation:
-            stream.set_display_rotation(rotation)
-        if matrix is not None:
-            stream.set_display_matrix(matrix)
-        astream = add_audio_stream(out) if audio is not None else None
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(face_frame(i, width, height, i not in faceless), format="bgr24")
-            frame.pts = pts[i] if pts is not None else i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-        if audio is not None:
-            write_audio_track(out, astream, audio)
-    return path
-
-
-def add_audio_stream(out: av.container.OutputContainer) -> av.audio.stream.AudioStream:
-    astream = out.add_stream("aac", rate=SR)
-    astream.layout = "mono"
-    return astream
-
-
-def write_audio_track(out: av.container.OutputContainer, astream, audio: Path) -> None:
-    with av.open(str(audio)) as src:
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=SR, frame_size=1024)
-        for frame in src.decode(audio=0):
-            for f in resampler.resample(frame):
-                out.mux(astream.encode(f))
-    out.mux(astream.encode(None))
-
-
-def read_output(path: Path) -> tuple[list[np.ndarray], float, float, int]:
-    """(frames, video seconds, audio seconds, audio sample rate) of a written file."""
-    with av.open(str(path)) as c:
-        v, a = c.streams.video[0], c.streams.audio[0]
-        assert v.codec_context.name == "h264" and v.format.name == "yuv420p"
-        assert a.codec_context.name == "aac"
-        frames = [f.to_ndarray(format="bgr24") for f in c.decode(v)]
-        seconds_v = float(v.duration * v.time_base)
-        seconds_a = float(a.duration * a.time_base)
-        return frames, seconds_v, seconds_a, a.rate
+from tests.media import face_frame, read_output, speech, write_empty_video, write_video, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -218,15 +128,6 @@ def test_probe_errors(tmp_path, media):
         video.probe(write_wav(tmp_path / "a.wav", 0.3))
     with pytest.raises(UserError, match="zero frames"):
         video.probe(write_empty_video(tmp_path / "empty.avi"))
-
-
-def write_empty_video(path: Path) -> Path:
-    """A video stream with no frames (AVI keeps the stream; an empty MP4 track is dropped by FFmpeg)."""
-    with av.open(str(path), "w", format="avi") as out:
-        s = out.add_stream("mpeg4", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
-        out.start_encoding()
-    return path
 
 
 def test_writer_h264_aac_atomic(tmp_path):
