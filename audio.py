@@ -125,10 +125,14 @@ def preemphasis(wav: np.ndarray, k: float) -> np.ndarray:
 
 def stft(y: np.ndarray, n_fft: int, hop: int, win: int) -> np.ndarray:
     """librosa.stft(center=True, pad_mode="reflect", window="hann", dtype=complex64): (1 + n_fft//2, frames)."""
+    return stft_of_padded(np.pad(y, n_fft // 2, mode="reflect"), n_fft, hop, win)
+
+
+def stft_of_padded(padded: np.ndarray, n_fft: int, hop: int, win: int) -> np.ndarray:
+    """`stft`'s columns of a signal already padded: one every `hop` samples from its start, while `n_fft` fit."""
     window = np.zeros(n_fft)
     offset = (n_fft - win) // 2
     window[offset : offset + win] = hann(win)
-    padded = np.pad(y, n_fft // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
     return np.fft.rfft(frames * window, axis=-1).astype(np.complex64).T
 
@@ -172,8 +176,12 @@ def mel_basis(sample_rate: int, n_fft: int, num_mels: int, fmin: int, fmax: int)
 def melspectrogram(wav: np.ndarray, hp: HParams = hparams) -> np.ndarray:
     """(n_samples,) float → (num_mels, 1 + n_samples // hop) float32, normalised to [-4, 4]."""
     y = preemphasis(wav, hp.preemphasis) if hp.preemphasize else wav
-    spec = stft(y, hp.n_fft, hp.hop_length(), hp.win_size)
-    mel = np.dot(mel_basis(hp.sample_rate, hp.n_fft, hp.num_mels, hp.fmin, hp.fmax), np.abs(spec))
+    return mel_of_magnitudes(np.abs(stft(y, hp.n_fft, hp.hop_length(), hp.win_size)), hp)
+
+
+def mel_of_magnitudes(magnitudes: np.ndarray, hp: HParams = hparams) -> np.ndarray:
+    """(1 + n_fft//2, columns) STFT magnitudes → normalised mel columns, each computed on its own."""
+    mel = np.dot(mel_basis(hp.sample_rate, hp.n_fft, hp.num_mels, hp.fmin, hp.fmax), magnitudes)
     db = _amp_to_db(mel, hp) - hp.ref_level_db
     return _normalize(db, hp) if hp.signal_normalization else db
 
@@ -237,12 +245,102 @@ class Speech:
         return len(self.starts)
 
 
+def load_speech_wav(path: str | os.PathLike, hp: HParams = hparams) -> tuple[np.ndarray, float]:
+    """The samples of any audio (or video) file, checked and brought within full scale, and the gain that did it."""
+    planes, rate = decode_audio(path)
+    gain = speech_gain(planes, rate, path)
+    return to_mono(planes * gain if gain != 1.0 else planes, rate, hp.sample_rate), gain
+
+
 def load_speech(path: str | os.PathLike, fps: float, hp: HParams = hparams) -> Speech:
     """The speech of any audio (or video) file, checked before any work is done, as mel windows for
     enough frames at `fps` to cover it."""
-    planes, rate = decode_audio(path)
-    gain = speech_gain(planes, rate, path)
-    wav = to_mono(planes * gain if gain != 1.0 else planes, rate, hp.sample_rate)
+    wav, gain = load_speech_wav(path, hp)
     mel = melspectrogram(wav, hp)
     n_frames = video.frames_to_cover(len(wav) / hp.sample_rate, fps)
     return Speech(mel, frame_mel_starts(mel.shape[1], fps, n_frames), gain)
+
+
+GEMM_MIN_COLUMNS = 16  # OpenBLAS multiplies fewer columns by another kernel, whose round-off differs
+
+
+class MelStream:
+    """`melspectrogram` of a signal that arrives a little at a time: the same columns, bit for bit.
+
+    Accepts any chunking. Column j covers samples [j·hop − n_fft/2, j·hop + n_fft/2), reflected at both
+    ends of the signal, so it is final once the sample j·hop + n_fft/2 − 1 arrived: the stream sees
+    n_fft/2 samples (25 ms) ahead of each column's centre. `push` returns the columns that became final
+    (none until the first `GEMM_MIN_COLUMNS` are, which no frame's window can do without anyway);
+    `flush` ends the signal and returns the rest, those the end's reflection reaches included.
+
+    Kept between pushes: the padded, pre-emphasised signal from the next column's start (under
+    n_fft + hop samples), the last raw sample (pre-emphasis is x[n] − k·x[n−1]) and the last magnitude
+    columns (each product takes at least `GEMM_MIN_COLUMNS` columns, as the whole signal's one does).
+    """
+
+    def __init__(self, hp: HParams = hparams) -> None:
+        self.hp = hp
+        self.n_fft, self.hop, self.pad = hp.n_fft, hp.hop_length(), hp.n_fft // 2
+        self.n_samples = 0  # pushed so far
+        self.n_columns = 0  # returned so far
+        self._last: np.ndarray | None = None  # the last raw sample
+        self._padded = np.zeros(0)  # the padded signal from padded index `_start` (its head unpadded until
+        self._start = 0  # more than n_fft/2 samples arrived: the start's reflection needs them)
+        self._history = np.zeros((0, self.n_fft // 2 + 1), np.float32)  # magnitude rows of the last columns
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """(num_mels, k) float32: the columns that `samples` made final (often none)."""
+        x = np.asarray(samples).ravel()
+        if not len(x):
+            return self._empty()
+        y = self._emphasised(x)
+        was_short = self.n_samples <= self.pad
+        self.n_samples += len(x)
+        self._padded = np.concatenate([self._padded, y])
+        if self.n_samples <= self.pad:
+            return self._empty()
+        if was_short:  # the start's reflection: samples pad, pad-1, …, 1
+            self._padded = np.concatenate([self._padded[self.pad : 0 : -1], self._padded])
+        final = (self.n_samples - self.pad) // self.hop + 1
+        if self.n_columns == 0 and final < GEMM_MIN_COLUMNS:
+            return self._empty()
+        return self._columns(self._padded, final)
+
+    def flush(self) -> np.ndarray:
+        """(num_mels, k) float32: the last columns, the signal reflected at its end; the stream is then over."""
+        if self.n_samples == 0:
+            return self._empty()
+        if self.n_samples <= self.pad:  # too short to have had its start padded: pad it all, as offline
+            padded = np.pad(self._padded, self.pad, mode="reflect")
+        else:
+            padded = np.pad(self._padded, (0, self.pad), mode="reflect")
+        return self._columns(padded, 1 + self.n_samples // self.hop)
+
+    def _emphasised(self, x: np.ndarray) -> np.ndarray:
+        if not self.hp.preemphasize:
+            y = x.astype(np.float64)
+        elif self._last is None:
+            y = preemphasis(x, self.hp.preemphasis)
+        else:
+            y = preemphasis(np.concatenate([self._last, x]), self.hp.preemphasis)[1:]
+        self._last = x[-1:]
+        return y
+
+    def _columns(self, padded: np.ndarray, end: int) -> np.ndarray:
+        """Columns n_columns..end-1 of `padded` (which starts at padded index `_start`); drops what is used."""
+        first = self.n_columns
+        if end <= first:
+            return self._empty()
+        lo = first * self.hop - self._start
+        spec = stft_of_padded(padded[lo : lo + (end - 1 - first) * self.hop + self.n_fft], self.n_fft, self.hop,
+                              self.hp.win_size)  # fmt: skip
+        rows = np.concatenate([self._history, np.abs(spec).T])  # rows.T is laid out as the offline magnitudes
+        mel = mel_of_magnitudes(rows.T, self.hp)[:, len(self._history) :]
+        self._history = rows[-(GEMM_MIN_COLUMNS - 1) :]
+        self.n_columns = end
+        self._padded = padded[end * self.hop - self._start :]
+        self._start = end * self.hop
+        return np.ascontiguousarray(mel)
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((self.hp.num_mels, 0), np.float32)

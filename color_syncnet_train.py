@@ -86,27 +86,21 @@ def train(config: ExpertConfig) -> training.RunResult:
         # model, optimizer, resume
         model = SyncNet_color().to(ctx.device)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=hp.syncnet_lr)
-        step, epoch = 0, 0
+        start = 0, 0  # (step, epoch)
         if config.checkpoint_path:
             container = load_weights(model, config.checkpoint_path, "SyncNet_color", "--checkpoint_path")
-            step, epoch = training.resume(container, optimizer, config.checkpoint_path)
+            start = training.resume(container, optimizer, config.checkpoint_path)
         ddp_model = training.wrap_ddp(model, ctx)
         scaler = training.grad_scaler(ctx, config.amp)
-        data = training.batches(train_loader, epoch)
-        evaluation, path = {}, None
+        (step, epoch), evaluation, path = start, {}, None
 
         banner = (f"expert: {len(train_set)} train / {len(val_set)} val windows, {ctx.world_size} process(es) on "
                   f"{ctx.device}, from step {step}")  # fmt: skip
         with training.Monitor(folder, ctx, config, banner, step) as monitor:
-            while not training.is_last(step, config.max_steps):
-                epoch, batch = next(data)
+            for step, epoch, batch, last in training.steps(train_loader, *start, config.max_steps):
                 loss = loss_of(ddp_model, batch, ctx, config.amp)
                 training.optimizer_step(loss, optimizer, scaler)
-                step += 1
-                lr = optimizer.param_groups[0]["lr"]
-                monitor.trained(step, epoch, {"loss": loss.item()}, len(batch[2]), lr=lr)
-
-                last = training.is_last(step, config.max_steps)  # the end: evaluate and save whatever the step
+                monitor.trained(step, epoch, {"loss": loss.item()}, len(batch[2]), lr=optimizer.param_groups[0]["lr"])
                 if step % hp.syncnet_eval_interval == 0 or last:
                     evaluation = {"loss": evaluate(model, val_loader, ctx, config.amp, eval_steps)}
                     monitor.evaluated(step, evaluation)

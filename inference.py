@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = lipsync(
         args.face, args.audio, args.checkpoint_path, args.outfile,
         device=args.device, fp16=args.fp16, detector_path=args.detector_path, hp=from_argument(args.hparams),
+        backend=args.backend, onnx_path=args.onnx_path, detector_onnx_path=args.detector_onnx_path,
         **from_namespace(Options, args),
     )  # fmt: skip
     if not args.quiet:

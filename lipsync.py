@@ -24,6 +24,7 @@ With default options the mouth region is the original's computation. Where we di
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,7 +43,7 @@ from files import check_writable
 from frames import FrameSource, loop_frames
 from generation import Generator, batch_sizes, batches_in_flight, generator_workers, make_batches
 from hparams import HParams, hparams
-from options import DEFAULT_OUTFILE, Options
+from options import BACKEND_CHOICES, DEFAULT_OUTFILE, Options
 from streams import Report, background, progress
 
 OnFrame = Callable[[int, np.ndarray], None]
@@ -106,6 +107,8 @@ class LipSync:
         print(sync(face, speech, out).line())
 
     `detector`: any object with face_detection's `get_detections_for_batch`, instead of S3FD.
+    `backend="onnxruntime"` runs the generator and S3FD in ONNX Runtime, from `onnx_path` and
+    `detector_onnx_path`, or from exports of the weights made once into `cache_dir` (onnx_backend.py).
     """
 
     def __init__(
@@ -118,26 +121,50 @@ class LipSync:
         detector: object | None = None,
         hp: HParams = hparams,
         quiet: bool = False,
+        backend: str = "torch",
+        onnx_path: str | Path | None = None,
+        detector_onnx_path: str | Path | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.device = select_device(device)
         if fp16 and self.device.type != "cuda":
             raise UserError(f"--fp16 needs a CUDA GPU; the device is {self.device.type} (drop --fp16)")
-        self.hp = hp
+        if backend not in BACKEND_CHOICES or (fp16 and backend != "torch"):
+            raise UserError(f"--backend {backend}: choose one of {', '.join(BACKEND_CHOICES)} (--fp16: torch only)")
+        self.hp, self.backend = hp, backend
         if not quiet:
-            print(f"Using {self.device} for inference{' in float16' if fp16 else ''}.", file=sys.stderr)
+            how = " in float16" if fp16 else " with ONNX Runtime" if backend == "onnxruntime" else ""
+            print(f"Using {self.device} for inference{how}.", file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        self.generator = Generator(checkpoint_path, self.device, fp16, quiet)
-        factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(detector_path)
-        self.face_boxes = FaceBoxes(factory, detector_weights(detector_path), quiet)
+        if backend == "onnxruntime":
+            import onnx_backend
 
-    def _s3fd_factory(self, detector_path: str | Path | None) -> Callable[[int | None], object]:
+            path = onnx_backend.onnx_file("wav2lip", onnx_path, checkpoint_path, cache_dir, quiet)
+            self.generator = onnx_backend.OnnxGenerator(path, self.device, quiet)
+        else:
+            self.generator = Generator(checkpoint_path, self.device, fp16, quiet)
+        onnx_s3fd = (detector_onnx_path, cache_dir, quiet) if backend == "onnxruntime" else None
+        factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(detector_path, onnx_s3fd)
+        weights = Path(detector_onnx_path) if detector_onnx_path is not None else detector_weights(detector_path)
+        self.face_boxes = FaceBoxes(factory, weights, quiet)
+
+    def _s3fd_factory(self, detector_path: str | Path | None, onnx: tuple | None) -> Callable[[int | None], object]:
+        """S3FD on first use; with `onnx` = (detector_onnx_path, cache_dir, quiet), its forward pass in ONNX
+        Runtime (one session for every `max_side`)."""
+
+        @functools.cache
+        def network() -> object:
+            import onnx_backend
+
+            return onnx_backend.s3fd_network(*onnx, detector_weights(detector_path), self.device)
+
         def build(max_side: int | None) -> object:
             import face_detection
 
             return face_detection.FaceAlignment(
                 face_detection.LandmarksType._2D, flip_input=False, device=self.device,
-                path_to_detector=detector_path, max_side=max_side,
+                path_to_detector=detector_path, max_side=max_side, network=network() if onnx else None,
             )  # fmt: skip
 
         return build
@@ -203,9 +230,14 @@ def lipsync(
     fp16: bool = False,
     detector_path: str | Path | None = None,
     hp: HParams = hparams,
+    backend: str = "torch",
+    onnx_path: str | Path | None = None,
+    detector_onnx_path: str | Path | None = None,
     **options,
 ) -> Summary:
     """Lip-sync one clip: `LipSync(checkpoint_path, ...)(face, audio_path, outfile, **options)`."""
     quiet = options.get("quiet", False)
-    sync = LipSync(checkpoint_path, device, fp16=fp16, detector_path=detector_path, hp=hp, quiet=quiet)
+    sync = LipSync(checkpoint_path, device, fp16=fp16, detector_path=detector_path, hp=hp, quiet=quiet,
+                   backend=backend, onnx_path=onnx_path, detector_onnx_path=detector_onnx_path,
+                   cache_dir=options.get("cache_dir"))  # fmt: skip
     return sync(face, audio_path, outfile, **options)

@@ -24,6 +24,7 @@ UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
 NO_FACE_CHOICES = ("keep", "last", "error")
 BLEND_CHOICES = ("paste", "feather")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+BACKEND_CHOICES = ("torch", "onnxruntime")  # what runs the networks (README, "ONNX")
 REGION_FIELDS = ("pads", "crop", "box")  # four integers: top, bottom, left, right
 
 
@@ -106,6 +107,15 @@ class ModelOptions:
     device: str = option("auto", "auto: cuda, then mps, then cpu", choices=DEVICE_CHOICES)
     fp16: bool = option(False, "run the networks in float16 (CUDA only)")
     detector_path: str | None = option(None, "S3FD weights (default: face_detection/detection/sfd/s3fd.pth)")
+    backend: str = option(
+        "torch", "run the generator and S3FD in PyTorch, or in ONNX Runtime from .onnx files", choices=BACKEND_CHOICES
+    )
+    onnx_path: str | None = option(
+        None, "with --backend onnxruntime: the generator's .onnx (default: exported from --checkpoint_path, cached)"
+    )
+    detector_onnx_path: str | None = option(
+        None, "with --backend onnxruntime: S3FD's .onnx (default: exported from the S3FD weights, cached)"
+    )
 
 
 def str2bool(text: str) -> bool:

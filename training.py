@@ -40,7 +40,7 @@ C = TypeVar("C", bound="TrainConfig")
 # --- the config: one declaration per setting, from which the flags are derived ---------------------------
 
 
-def option(default: Any = dataclasses.MISSING, help: str | None = None, **flag: Any) -> Any:  # noqa: A002
+def option(default: Any = dataclasses.MISSING, help: str | None = None, **flag: Any) -> Any:
     """A config field that is also the flag `--<name>`: the default is declared here only; `flag` holds
     argparse's extra keywords (choices, nargs...). A field without a default is a required flag."""
     return field(default=default, metadata={"flag": {"help": help, **flag}})
@@ -48,7 +48,9 @@ def option(default: Any = dataclasses.MISSING, help: str | None = None, **flag: 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """The flags every trainer has, with the original's names for the original's flags."""
+    """The flags every trainer has (the original's names for the original's flags), decided once at the
+    top and passed down; the command line is derived from these fields, so each default is declared here
+    only. Each trainer extends it with its own flags; its `train(config)` is also the Python API."""
 
     data_root: str = option(help="root folder of the preprocessed dataset")
     checkpoint_dir: str = option(help="save checkpoints, samples and logs here")
@@ -137,7 +139,9 @@ def setup(device_name: str = "auto", seed: int = 0) -> Context:
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, rank=rank.rank, world_size=rank.world_size)
-    seed_everything(seed + rank.rank)
+    random.seed(seed + rank.rank)  # every RNG, differently per rank
+    np.random.seed((seed + rank.rank) % 2**32)
+    torch.manual_seed(seed + rank.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return Context(rank.rank, rank.world_size, device)
@@ -155,12 +159,6 @@ def session(config: TrainConfig) -> Iterator[tuple[Context, Path]]:
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
@@ -209,12 +207,17 @@ def loaders(
     return train, val
 
 
-def batches(loader: DataLoader, epoch: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) forever, one epoch after another from `epoch`."""
-    while True:
+def steps(loader: DataLoader, step: int, epoch: int, max_steps: int | None) -> Iterator[tuple[int, int, Any, bool]]:
+    """(step, epoch, batch, last) for each training step after `step`, epoch after epoch of `loader` from
+    `epoch`, up to `max_steps` (without it, forever). `last`: the run ends with this step, so it
+    evaluates and saves whatever the intervals say."""
+    while max_steps is None or step < max_steps:
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            yield epoch, batch
+            step += 1
+            yield step, epoch, batch, max_steps is not None and step >= max_steps
+            if max_steps is not None and step >= max_steps:
+                return
         epoch += 1
 
 
@@ -222,11 +225,6 @@ def eval_batches(requested: int | None, original: int, ctx: Context) -> int:
     """Val batches each rank evaluates: `--eval_steps` (or the original's count) shared among the ranks."""
     total = original if requested is None else requested
     return max(1, -(-total // ctx.world_size))
-
-
-def is_last(step: int, max_steps: int | None) -> bool:
-    """The run ends after this step: it evaluates and saves whatever the intervals say."""
-    return max_steps is not None and step >= max_steps
 
 
 # --- mixed precision and the optimizer step --------------------------------------------------------------

@@ -191,9 +191,9 @@ class Networks:
     disc_scaler: torch.amp.GradScaler
 
 
-def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Networks, SyncWeight, int, int]:
-    """The networks, resumed from the checkpoints given, with the sync-loss weight; and the step and
-    epoch to start from."""
+def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Networks, SyncWeight, tuple[int, int]]:
+    """The networks, resumed from the checkpoints given, with the sync-loss weight; and the (step,
+    epoch) to start from."""
     hp = config.hparams
     syncnet = SyncNet_color().to(ctx.device)
     load_weights(syncnet, config.syncnet_checkpoint_path, "SyncNet_color", "--syncnet_checkpoint_path")
@@ -203,10 +203,10 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
     betas = (0.5, 0.999) if config.gan else (0.9, 0.999)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], hp.initial_learning_rate, betas)
     sync_weight = SyncWeight(hp.syncnet_wt, SYNC_WT_ON_GAN if config.gan else SYNC_WT_ON, SYNC_SWITCH_LOSS)
-    step, epoch = 0, 0
+    start = 0, 0
     if config.checkpoint_path:
         container = load_weights(model, config.checkpoint_path, "Wav2Lip", "--checkpoint_path")
-        step, epoch = training.resume(container, optimizer, config.checkpoint_path)
+        start = training.resume(container, optimizer, config.checkpoint_path)
         if "sync_weight" in container:
             sync_weight.load_state_dict(container["sync_weight"])
         elif "syncnet_wt" in container:  # the checkpoints of this project's first version
@@ -222,7 +222,7 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
     ddp_disc = training.wrap_ddp(disc, ctx) if disc is not None else None
     scalers = training.grad_scaler(ctx, config.amp), training.grad_scaler(ctx, config.amp)
     nets = Networks(model, optimizer, syncnet, disc, disc_optimizer, training.wrap_ddp(model, ctx), ddp_disc, *scalers)
-    return nets, sync_weight, step, epoch
+    return nets, sync_weight, start
 
 
 def train_step(
@@ -292,22 +292,17 @@ def train(config: GeneratorConfig) -> GeneratorResult:
         gan_eval = min(EVAL_STEPS_GAN, math.ceil(len(val_set.videos) / hp.batch_size))
         eval_steps = training.eval_batches(config.eval_steps, gan_eval if config.gan else EVAL_STEPS, ctx)
         train_loader, val_loader = training.loaders(train_set, val_set, hp.batch_size, ctx, config, 4)
-        nets, sync_weight, step, epoch = build_networks(config, ctx)
-        data = training.batches(train_loader, epoch)
-        evaluation, path = {}, None
+        nets, sync_weight, start = build_networks(config, ctx)
+        (step, epoch), evaluation, path = start, {}, None
 
         banner = (f"generator{' + GAN' if config.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
                   f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {sync_weight.value}")  # fmt: skip
         with training.Monitor(folder, ctx, config, banner, step) as monitor:
-            while not training.is_last(step, config.max_steps):
-                epoch, batch = next(data)
+            for step, epoch, batch, last in training.steps(train_loader, *start, config.max_steps):
                 batch = [t.to(ctx.device, non_blocking=True) for t in batch]
                 losses, g = train_step(nets, batch, sync_weight.value, disc_wt, ctx, config.amp)
-                step += 1
                 lr = nets.optimizer.param_groups[0]["lr"]
                 monitor.trained(step, epoch, losses, len(g), syncnet_wt=sync_weight.value, lr=lr)
-
-                last = training.is_last(step, config.max_steps)  # the end: evaluate and save whatever the step
                 if step == 1 or step % hp.eval_interval == 0 or last:
                     evaluation = evaluate(nets, val_loader, ctx, config.amp, eval_steps)
                     monitor.evaluated(step, evaluation, syncnet_wt=sync_weight.update(evaluation["sync_loss"]))

@@ -1,7 +1,7 @@
 """Samples/s of the expert's and the generator's datasets: cached mel next to the original's way.
 
-    python bench/dataloader.py                          # a synthetic LRS2-like set it makes itself
-    python bench/dataloader.py --data_root lrs2_preprocessed/ --filelists_dir filelists/
+    python -m bench.dataloader                          # a synthetic LRS2-like set it makes itself
+    python -m bench.dataloader --data_root lrs2_preprocessed/ --filelists_dir filelists/
 
 The original decoded `audio.wav` and recomputed the whole clip's mel spectrogram for every sample; data.py
 reads `mel.npy`, built once. Both ways run here on the same windows, in one process (no DataLoader
@@ -27,7 +27,7 @@ def samples_per_s(dataset, indices: list[int]) -> float:
     return len(indices) / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=None, help="a preprocessed dataset (default: a synthetic one)")
     parser.add_argument("--filelists_dir", default="filelists")
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
         if root is None:
             root, lists = Path(tmp), Path(tmp) / "filelists"
             make_dataset(root, speakers=3, videos_per_speaker=4, seconds=args.seconds, filelists_dir=lists)
-        results = {}
         for name, cls in (("expert", data.SyncDataset), ("generator", data.Wav2LipDataset)):
             cached = cls(root, args.split, lists)
             recompute = cls(root, args.split, lists, cache_mel=False)
@@ -49,10 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
             for i in indices[:20]:
                 cached[i]  # build the caches and warm the file cache: steady state is what training sees
             fast, slow = samples_per_s(cached, indices), samples_per_s(recompute, indices)
-            results[name] = (fast, slow, fast / slow)
             print(f"{name:9s}  cached mel {fast:8.1f} samples/s   recomputed per sample (original) {slow:7.1f} "
                   f"samples/s   ratio {fast / slow:5.1f}x")  # fmt: skip
-    return results
 
 
 if __name__ == "__main__":

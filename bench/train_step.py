@@ -1,26 +1,30 @@
 """Seconds per training step (forward + backward + optimizer step) of the expert and the generator.
 
-    python bench/train_step.py                  # expert batch 64, generator batch 16 with the sync loss
-    python bench/train_step.py --device cuda --amp bf16
+    python -m bench.train_step                  # expert batch 64, generator batch 16 with the sync loss
+    python -m bench.train_step --device cuda --amp bf16
 
-Random inputs of the real shapes; the data loading is not timed (bench/dataloader.py times it).
-The generator step includes the frozen expert's sync loss (syncnet_wt > 0) and, with --gan, the
-discriminator's perceptual loss and its own step.
+Random inputs of the real shapes; the data loading is not timed (`python -m bench.dataloader` times it).
+The steps are the trainers' own (`color_syncnet_train.loss_of`, `wav2lip_train.train_step`): the generator
+step includes the frozen expert's sync loss (syncnet_wt > 0) and, with --gan, the discriminator's
+perceptual loss and its own step.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
-import training  # noqa: E402
-import wav2lip_train  # noqa: E402
-from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss  # noqa: E402
+import color_syncnet_train
+import training
+import wav2lip_train
+from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
 
 
-def timed(step, warmup: int, steps: int, device: torch.device) -> float:
+def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Mean seconds per call of `step` after `warmup` calls, waiting for the GPU's queue at both ends."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -33,7 +37,46 @@ def timed(step, warmup: int, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main(argv: list[str] | None = None) -> dict:
+def expert_step(expert: SyncNet_color, batch: int, ctx: training.Context, amp: str) -> Callable[[], None]:
+    """One training step of the expert on a fixed random batch, as color_syncnet_train.py takes it."""
+    dev = ctx.device
+    x, mel = torch.rand(batch, 15, 48, 96, device=dev), torch.randn(batch, 1, 80, 16, device=dev)
+    data = (x, mel, torch.ones(batch, 1, device=dev))  # faces, mel, label "in sync"
+    optimizer, scaler = torch.optim.Adam(expert.parameters(), 1e-4), training.grad_scaler(ctx, amp)
+
+    def step() -> None:
+        training.optimizer_step(color_syncnet_train.loss_of(expert, data, ctx, amp), optimizer, scaler)
+
+    return step
+
+
+def generator_step(expert: SyncNet_color, batch: int, gan: bool, ctx: training.Context, amp: str) -> Callable[[], None]:
+    """One step of wav2lip_train.py's loop (generator, then with `gan` the discriminator), sync loss on."""
+    dev = ctx.device
+    gen = Wav2Lip().to(dev)
+    disc = Wav2Lip_disc_qual().to(dev) if gan else None
+    nets = wav2lip_train.Networks(
+        model=gen,
+        optimizer=torch.optim.Adam(gen.parameters(), 1e-4),
+        syncnet=expert.requires_grad_(False),
+        disc=disc,
+        disc_optimizer=torch.optim.Adam(disc.parameters(), 1e-4) if disc is not None else None,
+        ddp_model=gen,
+        ddp_disc=disc,
+        scaler=training.grad_scaler(ctx, amp),
+        disc_scaler=training.grad_scaler(ctx, amp),
+    )
+    faces, gt = torch.rand(batch, 6, 5, 96, 96, device=dev), torch.rand(batch, 3, 5, 96, 96, device=dev)
+    indiv, mel = torch.randn(batch, 5, 1, 80, 16, device=dev), torch.randn(batch, 1, 80, 16, device=dev)
+    syncnet_wt, disc_wt = (wav2lip_train.SYNC_WT_ON_GAN, 0.07) if gan else (wav2lip_train.SYNC_WT_ON, 0.0)
+
+    def step() -> None:
+        wav2lip_train.train_step(nets, [faces, indiv, mel, gt], syncnet_wt, disc_wt, ctx, amp)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
@@ -46,58 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = training.setup(args.device)
     dev = ctx.device
 
-    expert = SyncNet_color().to(dev)
-    opt = torch.optim.Adam(expert.parameters(), 1e-4)
-    b = args.expert_batch
-    x, mel, y = (
-        torch.rand(b, 15, 48, 96, device=dev),
-        torch.randn(b, 1, 80, 16, device=dev),
-        torch.ones(b, 1, device=dev),
-    )
+    expert, b = SyncNet_color().to(dev), args.expert_batch
+    t = timed(expert_step(expert, b, ctx, args.amp), args.warmup, args.steps, dev)
+    print(f"expert        batch {b:3d}: {t:7.3f} s/step  ({b / t:7.1f} samples/s) on {dev}, amp {args.amp}")
 
-    def expert_step():
-        with training.autocast(ctx, args.amp):
-            a, v = expert(mel, x)
-        loss = cosine_loss(a.float(), v.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    t_expert = timed(expert_step, args.warmup, args.steps, dev)
-    print(f"expert     batch {b:3d}: {t_expert:7.3f} s/step  ({b / t_expert:7.1f} samples/s) on {dev}")
-
-    for p in expert.parameters():
-        p.requires_grad_(False)
-    gen = Wav2Lip().to(dev)
-    gopt = torch.optim.Adam(gen.parameters(), 1e-4)
-    disc = Wav2Lip_disc_qual().to(dev) if args.gan else None
-    dopt = torch.optim.Adam(disc.parameters(), 1e-4) if disc is not None else None
     b = args.generator_batch
-    faces, gt = torch.rand(b, 6, 5, 96, 96, device=dev), torch.rand(b, 3, 5, 96, 96, device=dev)
-    indiv, mel1 = torch.randn(b, 5, 1, 80, 16, device=dev), torch.randn(b, 1, 80, 16, device=dev)
-
-    def generator_step():
-        with training.autocast(ctx, args.amp):
-            g = gen(indiv, faces)
-        g = g.float()
-        loss = 0.97 * torch.nn.functional.l1_loss(g, gt) + 0.03 * wav2lip_train.sync_loss(
-            expert, mel1, g, ctx, args.amp
-        )
-        if disc is not None:
-            loss = loss + 0.07 * wav2lip_train.perceptual_loss(disc, g, ctx, args.amp)
-        gopt.zero_grad(set_to_none=True)
-        loss.backward()
-        gopt.step()
-        if disc is not None:
-            real, fake = wav2lip_train.disc_losses(disc, gt, g, ctx, args.amp)
-            dopt.zero_grad(set_to_none=True)
-            (real + fake).backward()
-            dopt.step()
-
-    t_gen = timed(generator_step, args.warmup, args.steps, dev)
+    t = timed(generator_step(expert, b, args.gan, ctx, args.amp), args.warmup, args.steps, dev)
     what = "generator+GAN" if args.gan else "generator"
-    print(f"{what:13s} batch {b:3d}: {t_gen:7.3f} s/step  ({b / t_gen:7.1f} samples/s), sync loss on")
-    return {"expert_s_per_step": t_expert, "generator_s_per_step": t_gen}
+    print(f"{what:13s} batch {b:3d}: {t:7.3f} s/step  ({b / t:7.1f} samples/s), sync loss on")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ Generate = Callable[[str, str, str], None]  # (face video, audio source, output 
 # and S3FD batches of 64 (which anchors S3FD considers depends on the whole batch). Every other option is
 # inference.py's, from the one declaration in options.py.
 PROTOCOL_DEFAULTS = {"pads": (0, 0, 0, 0), "face_det_batch_size": 64}
+BACKEND_FIELDS = ("backend", "onnx_path", "detector_onnx_path")  # ModelOptions passed to LipSync as they are
 PER_CLIP_OPTIONS = [f.name for f in dataclasses.fields(Options) if f.name != "quiet"]  # quiet: one bar for the list
 
 
@@ -54,12 +55,15 @@ def read_pairs(filelist: str | os.PathLike, data_root: str | os.PathLike) -> lis
 
 
 def lipsync_generator(
-    checkpoint_path: str, device: str = "auto", detector_path: str | None = None, hp: HParams = hparams, **options
-) -> Generate:
-    """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list."""
+    checkpoint_path: str, device: str = "auto", detector_path: str | None = None, hp: HParams = hparams,
+    models: dict | None = None, **options,
+) -> Generate:  # fmt: skip
+    """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list;
+    `models`: more of `ModelOptions` (backend, onnx_path, detector_onnx_path)."""
     from lipsync import LipSync
 
-    runner = LipSync(checkpoint_path, device=device, detector_path=detector_path, hp=hp)
+    runner = LipSync(checkpoint_path, device=device, detector_path=detector_path, hp=hp,
+                     cache_dir=options.get("cache_dir"), **(models or {}))  # fmt: skip
     return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 
@@ -92,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filelist", required=True, help="filelist of '<audio source> <video target>' lines")
     p.add_argument("--results_dir", required=True, help="folder for <line index>.mp4 outputs")
     p.add_argument("--data_root", required=True, help="dataset root the filelist paths are relative to")
-    add_arguments(p, ModelOptions, only=("checkpoint_path", "device", "detector_path"), required=("checkpoint_path",))
+    add_arguments(p, ModelOptions, only=("checkpoint_path", "device", "detector_path", *BACKEND_FIELDS),
+                  required=("checkpoint_path",))  # fmt: skip
     add_arguments(p, Options, only=PER_CLIP_OPTIONS, defaults=PROTOCOL_DEFAULTS)
     add_hparams_argument(p)
     return p.parse_args(argv)
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         str(rank.local_device(args.device)),  # under torchrun, this rank's own GPU
         args.detector_path,
         from_argument(args.hparams),
+        {name: getattr(args, name) for name in BACKEND_FIELDS},
         **from_namespace(Options, args),
     )
     report = generate_all(pairs, args.results_dir, generate, shard(range(len(pairs)), rank))

@@ -83,7 +83,9 @@ def sync_features(
     Frames travel to the device as uint8, a batch plus its 4-frame overlap at a time, so long videos
     never sit on the device as float.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # a torch module's parameters tell; onnx_backend.OnnxSyncNet says its device
+        device = getattr(model, "device", None) or next(model.parameters()).device
+    device = torch.device(device)
     cct = torch.from_numpy(np.ascontiguousarray(cc)).float().to(device)
     im_feat, cc_feat = [], []
     # TF32 would move the distances by ~1e-3 on Ampere GPUs; the metric is defined in float32.

@@ -6,7 +6,7 @@ keep the original's names and results; only detection is implemented, as in Wav2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import NamedTuple
@@ -95,6 +95,8 @@ class FaceAlignment:
 
     `max_side`: detect on frames shrunk so their longest side is at most this many pixels and scale the
     boxes back (faster on large frames); None keeps the original's full-resolution detection.
+    `network`: S3FD's forward pass to use instead of loading `path_to_detector` (e.g. an ONNX Runtime
+    session, `onnx_backend.OnnxNet`): preprocessing, decoding and NMS stay the same code.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class FaceAlignment:
         verbose: bool = False,
         path_to_detector: str | Path | None = None,
         max_side: int | None = None,
+        network: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -116,7 +119,10 @@ class FaceAlignment:
         if max_side is not None and max_side < 1:
             raise UserError(f"face detection: max_side must be a positive number of pixels, got {max_side}")
         self.max_side = max_side
-        self.face_detector = DETECTORS[face_detector](self.device, path_to_detector=path_to_detector, verbose=verbose)
+        extra = {"network": network} if network is not None else {}
+        self.face_detector = DETECTORS[face_detector](
+            self.device, path_to_detector=path_to_detector, verbose=verbose, **extra
+        )
 
     def get_detections_for_batch(self, images: Frames) -> list[Box | None]:
         """Per BGR frame of `images` [B, H, W, 3], its face box (x1, y1, x2, y2) or None when no face.

@@ -1,12 +1,13 @@
 """The trainers train: on a synthetic LRS2-like dataset, on the CPU, with the tiny config.
 
 The expert's eval loss must fall well below chance (ln 2 ≈ 0.693) and the generator's L1 must fall; then
-resume, the GAN, DDP on two CPU processes and the one-line errors.
+the sync-loss weight's schedule and its resume, the GAN, DDP on two CPU processes and the one-line errors.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -22,6 +23,8 @@ from checkpoints import load_weights
 from errors import UserError
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
 from tools.make_synthetic_lrs2 import make_dataset
+from training import Context, RunResult
+from wav2lip_train import SyncWeight
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = f"@{REPO / 'configs' / 'tiny.txt'}"
@@ -41,9 +44,11 @@ def common(root: Path, ckpt: Path, *extra: str) -> list[str]:
             "--hparams", TINY, "--no_tqdm", "--num_workers", "0", *extra]  # fmt: skip
 
 
-def generator_args(root: Path, ckpt: Path, expert: dict, max_steps: int, eval_steps: int, *extra: str) -> list[str]:
+def generator_args(
+    root: Path, ckpt: Path, expert: RunResult, max_steps: int, eval_steps: int, *extra: str
+) -> list[str]:
     """`common` for a generator run: the frozen expert and the step counts every one of them gives."""
-    return common(root, ckpt, "--syncnet_checkpoint_path", str(expert["checkpoint"]),
+    return common(root, ckpt, "--syncnet_checkpoint_path", str(expert.checkpoint),
                   "--max_steps", str(max_steps), "--eval_steps", str(eval_steps), *extra)  # fmt: skip
 
 
@@ -56,39 +61,57 @@ def read_log(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def expert(synth, tmp_path_factory) -> dict:
+def expert(synth, tmp_path_factory) -> RunResult:
     """The learning proof's expert run: 120 steps of batch 16 (6 training clips of 3 s; 4 held out)."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ckpt = tmp_path_factory.mktemp("expert")
-    result = color_syncnet_train.main(
-        common(synth, ckpt, "--max_steps", "120", "--eval_steps", "18", "--neg_min_offset", "5", "--seed", "0")
-    )
-    result["dir"] = ckpt
-    return result
+    argv = common(synth, ckpt, "--max_steps", "120", "--eval_steps", "18", "--neg_min_offset", "5", "--seed", "0")
+    return color_syncnet_train.train(color_syncnet_train.config_from_argv(argv))
+
+
+def test_config_is_typed_frozen_and_keeps_the_flags_defaults(tmp_path):
+    argv = ["--data_root", "d", "--checkpoint_dir", "c", "--amp", "--hparams", "batch_size=3"]
+    config = color_syncnet_train.config_from_argv(argv)
+    assert (config.amp, config.hparams.batch_size, config.neg_min_offset) == ("bf16", 3, 0)
+    assert (config.max_steps, config.keep_last, config.eval_steps, config.num_workers) == (None, 0, None, None)
+    assert (config.device, config.seed, config.log_interval, config.no_tqdm) == ("auto", 0, 10, False)
+    assert config.filelists_dir == "filelists" and config.workers == config.hparams.num_workers
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    generator = ["--data_root", "d", "--checkpoint_dir", "c", "--syncnet_checkpoint_path", "s"]
+    assert not wav2lip_train.config_from_argv(generator).gan
+    assert wav2lip_train.config_from_argv(generator, gan_default=True).gan  # hq_wav2lip_train.py's default
+    with pytest.raises(SystemExit):  # a required flag is still required
+        wav2lip_train.config_from_argv(["--data_root", "d", "--checkpoint_dir", "c"])
 
 
 def test_expert_eval_loss_falls_below_chance(expert):
-    log = read_log(expert["dir"])
+    log = read_log(expert.checkpoint.parent)
     print("expert eval loss by step:", log["eval/loss"])
-    assert expert["step"] == 120
+    assert expert.step == 120
     # evals of 18 batches swing by ~0.07: the best one must be clearly below chance, the last one below it too
     best = min(v for _, v in log["eval/loss"])
     assert best <= 0.5, f"eval loss {log['eval/loss']} never fell below 0.5 (ln 2 = 0.693)"
-    assert expert["eval_loss"] <= 0.6, f"final eval loss {expert['eval_loss']:.3f} is back near chance"
+    assert expert.eval["loss"] <= 0.6, f"final eval loss {expert.eval['loss']:.3f} is back near chance"
 
 
 def test_expert_checkpoint_is_the_original_container_and_safe_to_load(expert):
-    c = torch.load(expert["checkpoint"], map_location="cpu", weights_only=True)
+    c = torch.load(expert.checkpoint, map_location="cpu", weights_only=True)
     assert {"state_dict", "optimizer", "global_step", "global_epoch", "hparams", "rng_states"} <= set(c)
     assert c["global_step"] == 120 and c["hparams"]["syncnet_batch_size"] == 16
-    load_weights(SyncNet_color(), expert["checkpoint"], "SyncNet_color")
-    assert (expert["dir"] / "tensorboard").is_dir()
-    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/loss"} <= set(read_log(expert["dir"]))
+    load_weights(SyncNet_color(), expert.checkpoint, "SyncNet_color")
+    folder = expert.checkpoint.parent
+    assert (folder / "tensorboard").is_dir()
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/loss"} <= set(read_log(folder))
+    options = (folder / "run_options.txt").read_text().splitlines()
+    assert "--neg_min_offset 5" in options and "syncnet_batch_size=16" in options
 
 
 def test_generator_l1_falls_and_sync_loss_switches_on(synth, expert, tmp_path):
     ckpt = tmp_path / "gen"
-    result = wav2lip_train.main(generator_args(synth, ckpt, expert, 10, 4, "--log_interval", "1"))
+    result = wav2lip_train.train(
+        wav2lip_train.config_from_argv(generator_args(synth, ckpt, expert, 10, 4, "--log_interval", "1"))
+    )
     log = read_log(ckpt)
     train_l1 = [v for _, v in log["train/l1"]]
     print("generator train L1 by step:", train_l1, "eval:", log["eval/l1"], "sync:", log["eval/sync_loss"])
@@ -99,39 +122,74 @@ def test_generator_l1_falls_and_sync_loss_switches_on(synth, expert, tmp_path):
     first, last = sum(train_l1[:2]) / 2, sum(train_l1[-3:]) / 3
     slope = np.polyfit(np.arange(len(train_l1)), train_l1, 1)[0]
     assert last < first and slope < 0, f"training L1 did not fall: {train_l1}"
-    # the expert's eval sync loss decides the weight; it is recorded in the checkpoint
-    c = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
-    assert c["syncnet_wt"] == result["syncnet_wt"]
-    if log["eval/sync_loss"][0][1] < 0.75:
-        assert result["syncnet_wt"] == 0.01
+    # the expert's eval sync loss decides the weight, either way; it is recorded in the checkpoint
+    switched = any(v < 0.75 for _, v in log["eval/sync_loss"])
+    assert result.syncnet_wt == (0.01 if switched else 0.0)
+    c = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert c["sync_weight"] == {"value": result.syncnet_wt}
     samples = sorted((ckpt).glob("samples_step*"))
     assert samples and (samples[-1] / "0_0.jpg").is_file()
 
 
-def test_resume_restores_syncnet_wt_and_step(synth, expert, tmp_path):
-    first = tmp_path / "a"
-    wav2lip_train.main(generator_args(synth, first, expert, 1, 1))
-    path = first / "checkpoint_step000000001.pth"
-    c = torch.load(path, weights_only=True)
-    c["syncnet_wt"] = 0.02  # a weight the schedule never sets by itself
-    torch.save(c, path)
-    result = wav2lip_train.main(
-        generator_args(synth, tmp_path / "b", expert, 2, 1, "--checkpoint_path", str(path), "--keep_last", "1")
-    )
-    assert result["step"] == 2 and result["syncnet_wt"] == 0.02
+def test_sync_weight_switches_on_below_the_threshold_for_good():
+    weight = SyncWeight(0.0, on=0.01)  # the original's threshold, 0.75
+    assert weight.update(0.80) == 0.0 and weight.value == 0.0
+    assert weight.update(0.75) == 0.0  # strictly below
+    assert weight.update(0.74) == 0.01
+    assert weight.update(0.90) == 0.01 and weight.value == 0.01  # never switched back
+    assert SyncWeight(0.05, on=0.03).update(0.1) == 0.05  # a higher weight from --hparams is kept
+
+
+def test_sync_weight_state_round_trips_through_a_checkpoint(tmp_path):
+    weight = SyncWeight(0.0, on=0.03)
+    weight.update(0.5)
+    torch.save({"sync_weight": weight.state_dict()}, tmp_path / "c.pth")
+    restored = SyncWeight(0.0, on=0.03)
+    restored.load_state_dict(torch.load(tmp_path / "c.pth", weights_only=True)["sync_weight"])
+    assert restored == weight and restored.value == 0.03
+    assert restored.update(0.9) == 0.03
+
+
+def test_resume_restores_the_switched_on_sync_weight(synth, expert, tmp_path, monkeypatch):
+    # the first run switches the weight on at its step-1 evaluation, whatever the loss
+    monkeypatch.setattr(wav2lip_train, "SYNC_SWITCH_LOSS", float("inf"))
+    first = wav2lip_train.train(wav2lip_train.config_from_argv(generator_args(synth, tmp_path / "a", expert, 1, 1)))
+    assert first.syncnet_wt == 0.01
+    c = torch.load(first.checkpoint, weights_only=True)
+    assert c["sync_weight"] == {"value": 0.01} and c["global_step"] == 1
+    # the resumed run could never switch it on itself: it has the weight from the checkpoint, and uses it
+    monkeypatch.setattr(wav2lip_train, "SYNC_SWITCH_LOSS", float("-inf"))
+    argv = generator_args(synth, tmp_path / "b", expert, 2, 1, "--checkpoint_path", str(first.checkpoint),
+                          "--keep_last", "1", "--log_interval", "1")  # fmt: skip
+    result = wav2lip_train.train(wav2lip_train.config_from_argv(argv))
+    assert result.step == 2 and result.syncnet_wt == 0.01
+    log = read_log(tmp_path / "b")
+    assert log["train/syncnet_wt"][0] == (2, 0.01) and log["train/sync_loss"][0][1] > 0
     assert [p.name for p in (tmp_path / "b").glob("checkpoint_step*.pth")] == ["checkpoint_step000000002.pth"]
+
+
+def test_perceptual_loss_is_the_discriminators_under_frozen_weights(monkeypatch):
+    torch.manual_seed(0)
+    disc, ctx = Wav2Lip_disc_qual(), Context(0, 1, torch.device("cpu"))
+    g = torch.rand(1, 3, 5, 96, 96, requires_grad=True)
+    loss = wav2lip_train.perceptual_loss(disc, g, ctx, "off")
+    assert torch.equal(loss, disc.perceptual_forward(g))
+    loss.backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0  # the generator learns from it
+    assert all(p.grad is None and p.requires_grad for p in disc.parameters())  # the discriminator does not
+    monkeypatch.setattr(Wav2Lip_disc_qual, "perceptual_forward", lambda self, x: torch.tensor(-1.0))
+    assert wav2lip_train.perceptual_loss(disc, g, ctx, "off") == -1.0  # one definition: the model's
 
 
 def test_gan_alias_trains_the_discriminator(synth, expert, tmp_path):
     ckpt = tmp_path / "hq"
-    result = hq_wav2lip_train.main(generator_args(synth, ckpt, expert, 2, 1, "--expert_eval_mode"))
-    assert result["disc"] is not None
+    assert hq_wav2lip_train.main(generator_args(synth, ckpt, expert, 2, 1, "--expert_eval_mode")) is None
     load_weights(Wav2Lip(), ckpt / "checkpoint_step000000002.pth", "Wav2Lip")
     load_weights(Wav2Lip_disc_qual(), ckpt / "disc_checkpoint_step000000002.pth", "Wav2Lip_disc_qual")
     log = read_log(ckpt)
     assert {"eval/perceptual", "eval/disc_real", "eval/disc_fake"} <= set(log)
     # resume both networks
-    result = hq_wav2lip_train.main(
+    hq_wav2lip_train.main(
         generator_args(
             synth,
             tmp_path / "hq2",
@@ -144,7 +202,8 @@ def test_gan_alias_trains_the_discriminator(synth, expert, tmp_path):
             str(ckpt / "disc_checkpoint_step000000002.pth"),
         )
     )
-    assert result["step"] == 3
+    for name in ("checkpoint_step000000003.pth", "disc_checkpoint_step000000003.pth"):
+        assert torch.load(tmp_path / "hq2" / name, weights_only=True)["global_step"] == 3
 
 
 # --- DDP on two CPU processes ------------------------------------------------------------------------------
@@ -161,9 +220,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out: str
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    result = color_syncnet_train.main(argv)
-    params = {k: v for k, v in result["model"].named_parameters()}
-    torch.save({"params": params, "eval_loss": result["eval_loss"]}, Path(out) / f"rank{rank}.pt")
+    result = color_syncnet_train.train(color_syncnet_train.config_from_argv(argv))
+    params = {k: v for k, v in result.model.named_parameters()}
+    torch.save({"params": params, "eval_loss": result.eval["loss"]}, Path(out) / f"rank{rank}.pt")
 
 
 def test_ddp_two_cpu_processes_keep_identical_weights(synth, tmp_path):
@@ -194,9 +253,9 @@ def test_wrong_model_checkpoint(synth, expert, tmp_path):
                 synth,
                 tmp_path / "c",
                 "--syncnet_checkpoint_path",
-                str(expert["checkpoint"]),
+                str(expert.checkpoint),
                 "--checkpoint_path",
-                str(expert["checkpoint"]),
+                str(expert.checkpoint),
                 "--max_steps",
                 "1",
             )  # fmt: skip
@@ -215,12 +274,12 @@ def test_unwritable_checkpoint_dir(synth, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    with pytest.raises(UserError, match="--checkpoint_dir cannot be written"):
+    with pytest.raises(UserError, match="choose another --checkpoint_dir"):
         color_syncnet_train.main(common(synth, ro / "ckpt", "--max_steps", "1"))
 
 
 def test_checkpoint_dir_that_is_a_file(synth, tmp_path):
     f = tmp_path / "file"
     f.write_text("")
-    with pytest.raises(UserError, match="--checkpoint_dir cannot be written"):
+    with pytest.raises(UserError, match="choose another --checkpoint_dir"):
         color_syncnet_train.main(common(synth, f, "--max_steps", "1"))

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from devices import select_device
 from errors import run_cli
 from evaluation import lse
-from evaluation.syncnet import S, load_syncnet
+from evaluation.syncnet import S
+from onnx_backend import add_syncnet_arguments, syncnet_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
     p.add_argument("--out", help="write per-video scores to this .json or .csv file")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
+    add_syncnet_arguments(p)
     return p.parse_args(argv)
 
 
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     videos = lse.list_videos(args.data_root)
     if args.out:
         lse.check_results_path(args.out)
-    model = load_syncnet(args.initial_model, select_device(args.device))
+    load = syncnet_loader(args.backend, args.onnx_path, args.cache_dir)
+    model = load(args.initial_model, select_device(args.device))
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
     lse.report(rows, args.out)
 

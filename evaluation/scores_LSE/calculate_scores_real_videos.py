@@ -18,7 +18,8 @@ from tqdm import tqdm
 from devices import select_device
 from errors import UserError, run_cli
 from evaluation import lse, tracking
-from evaluation.syncnet import S, load_syncnet
+from evaluation.syncnet import S
+from onnx_backend import add_syncnet_arguments, syncnet_loader
 
 NO_TRACK = "no track long enough"
 
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the crops")
     p.add_argument("--out", help="write per-track scores to this .json or .csv file")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
+    add_syncnet_arguments(p)
     return p.parse_args(argv)
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(args.device)
     detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
     print(f"face detector: {detector_name}")
-    model = load_syncnet(args.initial_model, device)
+    model = syncnet_loader(args.backend, args.onnx_path, args.cache_dir)(args.initial_model, device)
     opts = tracking.PipelineOptions(
         args.facedet_scale, args.crop_scale, args.min_track, args.num_failed_det, args.min_face_size
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,21 @@ def load_net(path: str | Path | None = None, device: str | torch.device = "cpu")
 
 
 class SFDDetector(FaceDetector):
-    """S3FD with the original Wav2Lip post-processing: NMS at 0.3 overlap, then scores above 0.5."""
+    """S3FD with the original Wav2Lip post-processing: NMS at 0.3 overlap, then scores above 0.5.
 
-    def __init__(self, device: str | torch.device, path_to_detector: str | Path | None = None, verbose: bool = False):
+    `network` replaces the torch network loaded from `path_to_detector` with any callable of the same
+    forward pass (float [B, 3, H, W] in, the 12 head outputs out), such as an ONNX Runtime session.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        path_to_detector: str | Path | None = None,
+        verbose: bool = False,
+        network: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+    ):
         self.device = torch.device(device)
-        self.face_detector = load_net(path_to_detector, self.device)
+        self.face_detector = network if network is not None else load_net(path_to_detector, self.device)
 
     def detect_from_batch(self, frames_rgb: torch.Tensor, max_side: int | None = None) -> list[np.ndarray]:
         out = []

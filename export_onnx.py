@@ -1,0 +1,40 @@
+"""Export Wav2Lip's networks to ONNX: the generator, S3FD and syncnet_python's SyncNet.
+
+    python export_onnx.py --model wav2lip --checkpoint_path checkpoints/wav2lip_gan.pth --out wav2lip_gan.onnx
+    python export_onnx.py --model s3fd --checkpoint_path face_detection/detection/sfd/s3fd.pth --out s3fd.onnx
+    python export_onnx.py --model syncnet --checkpoint_path syncnet_v2.model --out syncnet_v2.onnx
+
+The batch axis is dynamic (S3FD's height and width too). Each export is checked with `onnx.checker` and
+against PyTorch on random inputs, then renamed into place: a failed run leaves no file. Run the files with
+`inference.py --backend onnxruntime --onnx_path ... --detector_onnx_path ...` (README, "ONNX").
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from errors import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onnx_backend import MODELS
+
+    p = argparse.ArgumentParser(description="Export a network of Wav2Lip to ONNX")
+    p.add_argument("--model", required=True, choices=MODELS, help="which network the checkpoint holds")
+    p.add_argument("--checkpoint_path", required=True, help="wav2lip(_gan).pth, s3fd.pth or syncnet_v2.model")
+    p.add_argument("--out", required=True, help="the .onnx file to write (its folder is created)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from onnx_backend import OPSET, export
+
+    out = export(args.model, args.checkpoint_path, args.out)
+    if not args.quiet:
+        print(f"wrote {out} ({args.model}, opset {OPSET}, dynamic batch; checked against PyTorch)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
