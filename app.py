@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -165,12 +166,10 @@ class Models:
 
     def syncnet(self, device: object) -> object | None:
         """SyncNet for LSE on `device`, when a model is configured."""
-        if not self.syncnet_path:
-            return None
         with self.loading:
-            if str(device) not in self.syncnets:
+            if self.syncnet_path and str(device) not in self.syncnets:
                 self.syncnets[str(device)] = load_syncnet(self.syncnet_path, device)
-            return self.syncnets[str(device)]
+            return self.syncnets.get(str(device))
 
 
 class Workspace:
@@ -290,7 +289,7 @@ class App:
         finally:
             if self.cancel_flags.get(session) is cancel:
                 del self.cancel_flags[session]
-        return Result(out, summary.line().rpartition("; wrote ")[0], scores)  # the server's path is no use here
+        return Result(out, summary.line().split("; wrote ")[0], scores)  # the server's path is no use here
 
     def scores(self, device: object, face: str, speech: str, result: Path) -> str:
         """A table of LSE-D / LSE-C for the result and the input, when a SyncNet model is configured."""
@@ -338,11 +337,12 @@ class App:
             raise gr.Error("cancelled", print_exception=False) from None
 
     def cancel(self, request: gr.Request) -> str:
+        """Stop this tab's running job at its next frame (Gradio itself drops a job still in the queue)."""
         if flag := self.cancel_flags.get(request.session_hash):
             flag.set()
         return "Cancelled: the job stopped and wrote no file."
 
-    def frame_slider(self, face: str | None) -> dict:
+    def frame_slider(self, face: str | None) -> gr.Slider:
         """The preview's frame slider, reaching the last frame of a newly chosen face input."""
         try:
             count = video.probe(face).n_frames if face else 1
@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: the server closes, files go
     demo = build_app(args.checkpoint_path, args.detector_path, args.syncnet_model)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
 

@@ -291,11 +291,13 @@ class OnnxGenerator(Generator):
     whose `run` is thread-safe), as the torch path runs them.
     """
 
-    def __init__(self, onnx_path: str | os.PathLike, device: torch.device, quiet: bool = False) -> None:
+    def __init__(
+        self, onnx_path: str | os.PathLike, device: torch.device, quiet: bool = False, threads: int | None = None
+    ) -> None:
+        """`threads`: per session run (default: the torch path's threads per worker)."""
         self.device = device
         self.dtype = torch.float32
-        threads = generator_workers(device)[1]
-        self.net = OnnxNet(open_session(onnx_path, "wav2lip", device, threads))
+        self.net = OnnxNet(open_session(onnx_path, "wav2lip", device, threads or generator_workers(device)[1]))
         self.default_batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
         self.limit = BatchLimit(1 << 30, "the generator", quiet)
 

@@ -22,12 +22,13 @@ The stages are the offline pipeline's (lipsync.py), composed for a stream:
     paste        crops.paste_batches              each generated face into a copy of its source frame
 
 `AvatarStream`'s frames are the offline pipeline's, bit for bit, when it batches frames as the offline run
-does (`batch_sizes`, as `lipsync.LipSync` lays them out): the generator's round-off depends on the batch.
+does (`layout=offline_layout(...)`): the generator's round-off depends on the batch.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -164,17 +165,18 @@ class Avatar:
         return (frame for _, frame in loop_frames(self.source, sys.maxsize, self.source.static))
 
 
-def prepare_avatar(sync, face: str, n_frames: int | None = None, **options) -> Avatar:
+def prepare_avatar(sync, face: str | os.PathLike, speech_samples: int | None = None, **options) -> Avatar:
     """Decode `face`, find and smooth its boxes (or take `box`), and crop every frame, once.
 
     `sync` is a `lipsync.LipSync` (its detector, its detection cache, its hparams). `options` are
     `options.Options` fields (`box`, `pads`, `nosmooth`, `cache_dir`, `resize_factor`, `blend`...). Boxes are
-    smoothed over the whole video, or over its first `n_frames` when the length of the speech is known, as
-    the offline run smooths only the frames it uses.
+    smoothed over the whole video, or, when the length of the speech is known (`speech_samples`), over the
+    frames it covers: the offline run smooths only the frames it uses.
     """
     opts = Options(**options)
     source = FrameSource(video.probe(face), opts, sync.hp.fps)
-    found = sync.face_boxes(source, opts, n_frames or sys.maxsize)
+    n_out = len(speech_starts(speech_samples, source.fps, sync.hp)) if speech_samples else sys.maxsize
+    found = sync.face_boxes(source, opts, n_out)
     frames = [next(iter(source))] if source.static else _within_budget(source, opts)
     n_source = len(frames) if frames is not None else sum(1 for _ in source)
     boxes = [found[j % len(found)] for j in range(n_source)]
@@ -196,17 +198,17 @@ class AvatarStream:
     """Speech in, chunk by chunk; the avatar's lip-synced frames out, in order, as soon as they can be made.
 
     Every frame is generated (nothing is dropped: `live.LiveSession` adds a clock, idle and a latency
-    budget). `batch_sizes`: how many consecutive frames each generator batch takes (the offline run's
+    budget). `layout`: how many consecutive frames each generator batch takes (the offline run's
     layout, for identical frames); by default, the frames each chunk completes, `cap` at a time. Batches
     run on the generator's worker threads as offline. Keeps the speech's state and the frames waiting for
     their batch.
     """
 
-    def __init__(self, avatar: Avatar, generator: Generator, *, batch_sizes: Iterable[int] | None = None,
+    def __init__(self, avatar: Avatar, generator: Generator, *, layout: Iterable[int] | None = None,
                  cap: int | None = None) -> None:  # fmt: skip
         self.avatar, self.generator = avatar, generator
         self.cap = cap or generator.default_batch_size
-        self.sizes = iter(batch_sizes) if batch_sizes is not None else None
+        self.sizes = iter(layout) if layout is not None else None
         self.speech = SpeechFrames(avatar.fps, avatar.hp)
         self.frames = avatar.frame_loop()
         self.waiting: list[SpeechFrame] = []

@@ -1,0 +1,350 @@
+"""Live streams over the streaming core: a display clock, idle, interruption, a latency budget, and one
+generator shared by every session, batched across them.
+
+A `LiveSession` is one viewer. Its avatar shows one frame per tick of its clock (the face video's rate).
+Speech fed into it (`feed`, chunk by chunk, as it arrives) becomes frames through `streaming.SpeechFrames`;
+frame i of an utterance is shown at tick first + i, where `first` is the first tick at least look-ahead
+(212.5 ms) + the latency budget after the utterance's first chunk arrived: every frame then has the
+budget to be generated once its window is complete. The speech's audio, placed on the same timeline,
+is kept for the audio track (`audio_out`), so sound and mouth stay in sync.
+
+- Idle: while no speech arrives, or a frame's audio is quieter than `silence_db`, the avatar shows its
+  source frames, looping forward as the video does (`idle="generate"` runs the generator on silence).
+- Interruption (`interrupt`) drops everything queued for later ticks at once and returns to idle.
+- Bounded latency: the `Engine` takes, for each session in turn, its newest frame that can still be
+  ready before its tick; older frames that cannot are dropped, and the tick repeats the last frame shown.
+  A frame's latency (from the moment its window was complete to the frame being ready) thus stays under
+  the budget however long the stream runs, and when the machine cannot keep up, frames are dropped,
+  evenly, instead of the stream falling behind.
+
+Per session: the mel state and a few samples (~10 kB), at most budget × fps queued windows and crops
+(~35 kB each), the generated faces awaiting their tick (27 kB each at 96×96), the delayed audio (~50 kB)
+and the last frame shown (one frame: 786 kB at 512×512).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import audio
+from crops import paste
+from generation import Generator, generator_workers
+from streaming import LOOKAHEAD_S, Avatar, SpeechFrame, SpeechFrames
+
+IDLE_CHOICES = ("source", "generate")
+DEFAULT_BUDGET_MS = 500
+DEFAULT_SILENCE_DB = -50.0  # RMS over a frame's 200 ms window, dB full scale: below it, a frame is silence
+LIVE_BATCH = 2  # frames per generator call: 2 costs ~15 % more CPU per frame than 16, but half the wait of 4
+LATENCIES_KEPT = 20_000  # per session, for the percentiles (13 minutes at 25 fps)
+Clock = Callable[[], float]
+
+
+@dataclass
+class Job:
+    """One frame to generate: its crop and window, when it may start and the tick it must be ready for."""
+
+    session: LiveSession
+    tick: int
+    crop: np.ndarray
+    mel: np.ndarray
+    eligible: float  # its window complete (and at most the budget before its tick)
+    deadline: float  # its tick's display time
+
+
+@dataclass
+class Stats:
+    """What a session did: frames shown, by kind, and each generated frame's latency."""
+
+    generated: int = 0  # shown generated (speech, or silence with idle="generate")
+    dropped: int = 0  # speech frames not ready in time: the last frame repeated
+    idle: int = 0  # source frames shown: no speech, silence, or no face
+    speech_frames: int = 0  # frames of speech scheduled
+    first_feed: float | None = None
+    first_ready: float | None = None
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCIES_KEPT))
+
+    def summary(self, fps: float, frames: int) -> dict:
+        """The figures of `frames` shown at `fps`: fps counts those not dropped (generated, or idle by design)."""
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        first = None if self.first_ready is None else round((self.first_ready - self.first_feed) * 1000, 1)
+        return {
+            "frames": frames, "dropped": self.dropped,
+            "fps": round(fps * (frames - self.dropped) / frames, 2) if frames else 0.0, "first_frame_ms": first,
+            "latency_ms": {k: round(float(v), 1) for k, v in
+                           zip(("p50", "p95", "max"), (*np.percentile(lat, [50, 95]), lat.max()), strict=True)},
+        }  # fmt: skip
+
+
+class Engine:
+    """The generate stage for every live session: one model, worker threads, batches across sessions.
+
+    Each worker takes up to `batch` frames, going round the sessions (the newest frame of each that can
+    still make its tick), runs them through the generator in one call and hands each face back to its
+    session. Keeps the sessions and a running estimate of the seconds a frame takes.
+    """
+
+    def __init__(self, generator: Generator, batch: int = LIVE_BATCH, clock: Clock = time.monotonic) -> None:
+        self.generator, self.batch, self.clock = generator, batch, clock
+        self.workers, self.threads = generator_workers(generator.device)
+        self.lock = threading.Condition()
+        self.sessions: list[LiveSession] = []
+        self.seconds_per_frame = 0.0  # measured, per worker
+        self._turn = 0
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"live-{i}")
+                         for i in range(self.workers)]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    def add(self, session: LiveSession) -> None:
+        with self.lock:
+            self.sessions.append(session)
+
+    def remove(self, session: LiveSession) -> None:
+        with self.lock:
+            if session in self.sessions:
+                self.sessions.remove(session)
+            session.pending.clear()
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            self.lock.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            with self.lock:
+                while not self._closed and not (jobs := self._take(self.clock())):
+                    self.lock.wait(timeout=self._next_eligible())
+                if self._closed:
+                    return
+            started = self.clock()
+            try:
+                faces = self.generator.predict(np.stack([j.crop for j in jobs]), np.stack([j.mel[None] for j in jobs]))
+            except Exception as e:  # noqa: BLE001 - the frames are dropped; the server and its sessions go on
+                print(f"generator failed on {len(jobs)} frames: {e}", file=sys.stderr)
+                continue
+            now = self.clock()
+            per_frame = (now - started) / len(jobs)
+            with self.lock:
+                old = self.seconds_per_frame
+                self.seconds_per_frame = per_frame if old == 0 else 0.8 * old + 0.2 * per_frame
+                for job, face in zip(jobs, faces, strict=True):
+                    job.session.deliver(job, face, now)
+
+    def _take(self, now: float) -> list[Job]:
+        """Up to `batch` jobs, one session at a time in turn, each session's newest first."""
+        if not self.sessions:
+            return []
+        busy = self.seconds_per_frame * self.batch
+        order = self.sessions[self._turn % len(self.sessions) :] + self.sessions[: self._turn % len(self.sessions)]
+        self._turn += 1
+        jobs: list[Job] = []
+        while order and len(jobs) < self.batch:
+            session = order.pop(0)
+            if (job := session.take(now, busy)) is not None:
+                jobs.append(job)
+                order.append(session)  # its next job, after one of every other session's
+        return jobs
+
+    def _next_eligible(self) -> float:
+        """Seconds until some queued job may start (a short wait at most: feeds also wake the workers)."""
+        now = self.clock()
+        times = [job.eligible for s in self.sessions for job in s.pending.values()]
+        return min(0.05, max(0.001, min(times, default=now + 0.05) - now))
+
+
+class LiveSession:
+    """One viewer's avatar: speech in (`feed`, `end`, `interrupt`), one frame per tick out (`next_frame`).
+
+    `start` is the wall time (on `clock`) of tick 0. Thread-safe: audio may be fed from one thread while
+    frames are taken from another and generated on the engine's.
+    """
+
+    def __init__(self, avatar: Avatar, engine: Engine, *, budget_ms: float = DEFAULT_BUDGET_MS,
+                 idle: str = "source", silence_db: float = DEFAULT_SILENCE_DB, start: float | None = None,
+                 name: str = "") -> None:  # fmt: skip
+        self.avatar, self.engine, self.name = avatar, engine, name
+        self.fps, self.budget, self.idle, self.silence_db = avatar.fps, budget_ms / 1000, idle, silence_db
+        self.start = engine.clock() if start is None else start
+        self.frames = avatar.frame_loop()
+        self.tick = 0  # the next tick to show
+        self.plan: dict[int, Job | str] = {}  # tick → its Job, "idle" (silence) or "none" (no face)
+        self.pending: dict[int, Job] = {}  # tick → frame to generate
+        self.faces: dict[int, np.ndarray] = {}  # tick → generated face awaiting its tick
+        self.speech: SpeechFrames | None = None  # the utterance being fed
+        self.first = 0  # tick of its frame 0
+        self.end_tick = 0  # first tick after the last utterance ended
+        self.stats = Stats()
+        self.audio_out = DelayedAudio(avatar.hp.sample_rate)
+        self.last_frame: np.ndarray | None = None
+        self._silent_mel: np.ndarray | None = None
+        engine.add(self)
+
+    def display_time(self, tick: int) -> float:
+        return self.start + tick / self.fps
+
+    def feed(self, samples: np.ndarray, now: float | None = None) -> None:
+        """Speech as it arrives (16 kHz mono float32, any length); starts an utterance if none is on."""
+        now = self.engine.clock() if now is None else now
+        samples = np.asarray(samples, np.float32).ravel()
+        with self.engine.lock:
+            if self.speech is None:
+                self.begin(now=now)
+            if self.stats.first_feed is None:
+                self.stats.first_feed = now
+            sr = self.avatar.hp.sample_rate
+            self.audio_out.write(round(self.first * sr / self.fps) + self.speech.mel_stream.n_samples, samples)
+            self._schedule(self.speech.feed(samples), now)
+
+    def end(self, now: float | None = None) -> int:
+        """The utterance is over: its last frames (at least 0.2 s of speech is needed); returns its frame count."""
+        now = self.engine.clock() if now is None else now
+        with self.engine.lock:
+            if self.speech is None:
+                return 0
+            speech, self.speech = self.speech, None
+            self._schedule(speech.end(), now)
+            self.end_tick = self.first + speech.next
+            return speech.next
+
+    def interrupt(self) -> None:
+        """Drop every frame and sample queued for later ticks; the avatar is idle from the next tick."""
+        with self.engine.lock:
+            self.speech = None
+            self.end_tick = self.tick
+            for table in (self.plan, self.pending, self.faces):
+                for tick in [t for t in table if t >= self.tick]:
+                    del table[tick]
+            self.audio_out.clear_from(round(self.tick * self.avatar.hp.sample_rate / self.fps))
+
+    def close(self) -> None:
+        self.interrupt()
+        self.engine.remove(self)
+
+    def begin(self, first_tick: int | None = None, now: float | None = None) -> None:
+        """Start an utterance (`feed` starts one by itself): its frame 0 shown at `first_tick`, by default
+        the first tick a budget after that frame can be generated."""
+        now = self.engine.clock() if now is None else now
+        with self.engine.lock:
+            self.speech = SpeechFrames(self.fps, self.avatar.hp)
+            if first_tick is None:
+                # frame i's window is complete once the audio up to i/fps + LOOKAHEAD_S has arrived, which is
+                # now for i = 0 at the earliest (later by at most a chunk, which a chunk's own wait covers)
+                first_tick = math.ceil((now + LOOKAHEAD_S + self.budget - self.start) * self.fps - 1e-6)
+            self.first = max(first_tick, self.tick, self.end_tick)
+
+    def _schedule(self, frames: list[SpeechFrame], now: float) -> None:
+        for f in frames:
+            tick = self.first + f.index
+            self.stats.speech_frames += 1
+            if f.level_db < self.silence_db and self.idle == "source":
+                self.plan[tick] = "idle"
+            else:
+                self._queue(tick, f.mel, now)
+        self.engine.lock.notify_all()
+
+    def _queue(self, tick: int, mel: np.ndarray, now: float) -> None:
+        crop = self.avatar.crops[self.avatar.index(tick)]
+        if crop is None:
+            self.plan[tick] = "none"
+            return
+        deadline = self.display_time(tick)
+        self.plan[tick] = self.pending[tick] = Job(self, tick, crop, mel, max(now, deadline - self.budget), deadline)
+
+    def take(self, now: float, busy: float) -> Job | None:
+        """The newest job that may start now and can be ready before its tick (engine lock held); the older
+        ones that no longer can are dropped."""
+        for tick in [t for t, job in self.pending.items() if job.deadline < now + busy]:
+            del self.pending[tick]
+        eligible = [t for t, job in self.pending.items() if job.eligible <= now]
+        return self.pending.pop(max(eligible)) if eligible else None
+
+    def deliver(self, job: Job, face: np.ndarray, now: float) -> None:
+        """A generated face (engine lock held): kept for its tick, unless that tick was already shown."""
+        if job.tick < self.tick or self.plan.get(job.tick) is not job:
+            return
+        self.faces[job.tick] = face
+        self.stats.latencies.append(now - job.eligible)
+        if self.stats.first_ready is None:
+            self.stats.first_ready = now
+
+    def next_frame(self) -> np.ndarray:
+        """The frame of the next tick: generated, repeated (its face was not ready: dropped) or the source's."""
+        with self.engine.lock:
+            tick, self.tick = self.tick, self.tick + 1
+            kind, face = self.plan.pop(tick, None), self.faces.pop(tick, None)
+            self.pending.pop(tick, None)
+            if self.idle == "generate" and self.speech is None:
+                self._queue_silence(tick + math.ceil(self.budget * self.fps))
+        source = next(self.frames)
+        box = self.avatar.boxes[self.avatar.index(tick)]
+        if face is not None:
+            frame = source.copy()
+            paste(frame, box, face, self.avatar.mask)
+            self.stats.generated += 1
+        elif isinstance(kind, Job):
+            frame = self.last_frame if self.last_frame is not None else source
+            self.stats.dropped += 1
+        else:
+            frame = source
+            self.stats.idle += 1
+        self.last_frame = frame
+        return frame
+
+    def skip_to(self, now: float) -> None:
+        """Catch the clock up with `now` (a viewer that connected late): past ticks are not shown."""
+        while self.display_time(self.tick + 1) <= now:
+            self.next_frame()
+
+    def _queue_silence(self, tick: int) -> None:
+        """`idle="generate"`: a frame of silence for an idle tick (engine lock held)."""
+        if tick in self.plan or tick < self.end_tick:
+            return
+        if self._silent_mel is None:
+            silence = np.zeros(self.avatar.hp.n_fft * 8, np.float32)
+            self._silent_mel = audio.melspectrogram(silence, self.avatar.hp)[:, : audio.MEL_STEP_SIZE]
+        self._queue(tick, self._silent_mel, self.engine.clock())
+        self.engine.lock.notify_all()
+
+
+class DelayedAudio:
+    """The speech's samples placed on the session's timeline (sample 0 = tick 0), read back in order."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.chunks: list[tuple[int, np.ndarray]] = []  # (position, samples), by position
+        self.lock = threading.Lock()
+
+    def write(self, position: int, samples: np.ndarray) -> None:
+        with self.lock:
+            bisect.insort(self.chunks, (position, samples), key=lambda c: c[0])
+
+    def read(self, position: int, n: int) -> np.ndarray:
+        """`n` samples from `position` (silence where nothing was said); earlier chunks are dropped."""
+        out = np.zeros(n, np.float32)
+        with self.lock:
+            self.chunks = [(p, s) for p, s in self.chunks if p + len(s) > position]
+            for p, s in self.chunks:
+                if p >= position + n:
+                    break
+                lo, hi = max(p, position), min(p + len(s), position + n)
+                out[lo - position : hi - position] = s[lo - p : hi - p]
+        return out
+
+    def clear_from(self, position: int) -> None:
+        with self.lock:
+            self.chunks = [(p, s[: max(0, position - p)]) for p, s in self.chunks if p < position]
