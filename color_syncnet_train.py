@@ -23,6 +23,7 @@ import training
 from checkpoints import load_weights
 from data import SyncDataset
 from errors import run_cli
+from flags import option
 from models import SyncNet_color, cosine_loss
 
 EVAL_STEPS = 1400  # the original's cap on batches per evaluation; it also stopped after one pass of its
@@ -33,7 +34,7 @@ EVAL_STEPS = 1400  # the original's cap on batches per evaluation; it also stopp
 class ExpertConfig(training.TrainConfig):
     """Everything a run of the expert needs: the common flags and the expert's own."""
 
-    neg_min_offset: int = training.option(0, "negatives at least this many frames from the positive")
+    neg_min_offset: int = option(0, "negatives at least this many frames from the positive")
 
 
 def build_parser() -> argparse.ArgumentParser:

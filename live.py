@@ -39,6 +39,7 @@ import torch
 import audio
 from crops import paste
 from generation import Generator, generator_workers
+from hparams import HParams, hparams
 from streaming import LOOKAHEAD_S, Avatar, SpeechFrame, SpeechFrames
 
 IDLE_CHOICES = ("source", "generate")
@@ -93,8 +94,9 @@ class Engine:
     session. Keeps the sessions and a running estimate of the seconds a frame takes.
     """
 
-    def __init__(self, generator: Generator, batch: int = LIVE_BATCH, clock: Clock = time.monotonic) -> None:
-        self.generator, self.batch, self.clock = generator, batch, clock
+    def __init__(self, generator: Generator, batch: int = LIVE_BATCH, clock: Clock = time.monotonic,
+                 hp: HParams = hparams) -> None:  # fmt: skip
+        self.generator, self.batch, self.clock, self.hp = generator, batch, clock, hp
         self.workers, self.threads = generator_workers(generator.device)
         self.lock = threading.Condition()
         self.sessions: list[LiveSession] = []
@@ -125,6 +127,7 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)
+        self._warm_up()
         while True:
             with self.lock:
                 while not self._closed and not (jobs := self._take(self.clock())):
@@ -144,6 +147,12 @@ class Engine:
                 self.seconds_per_frame = per_frame if old == 0 else 0.8 * old + 0.2 * per_frame
                 for job, face in zip(jobs, faces, strict=True):
                     job.session.deliver(job, face, now)
+
+    def _warm_up(self) -> None:
+        """One call per batch size before the first frame: the first call of a shape builds its kernels."""
+        size, mels = self.hp.img_size, self.hp.num_mels
+        for n in range(1, self.batch + 1):
+            self.generator.predict(np.zeros((n, size, size, 3), np.uint8), np.zeros((n, 1, mels, 16), np.float32))
 
     def _take(self, now: float) -> list[Job]:
         """Up to `batch` jobs, one session at a time in turn, each session's newest first."""
@@ -266,12 +275,15 @@ class LiveSession:
         self.plan[tick] = self.pending[tick] = Job(self, tick, crop, mel, max(now, deadline - self.budget), deadline)
 
     def take(self, now: float, busy: float) -> Job | None:
-        """The newest job that may start now and can be ready before its tick (engine lock held); the older
-        ones that no longer can are dropped."""
-        for tick in [t for t, job in self.pending.items() if job.deadline < now + busy]:
-            del self.pending[tick]
+        """The newest job that may start now (engine lock held); older ones that can no longer be ready before
+        their tick (`busy` seconds from now) are dropped."""
         eligible = [t for t, job in self.pending.items() if job.eligible <= now]
-        return self.pending.pop(max(eligible)) if eligible else None
+        if not eligible:
+            return None
+        newest = max(eligible)
+        for tick in [t for t, job in self.pending.items() if job.deadline < now + busy and t != newest]:
+            del self.pending[tick]
+        return self.pending.pop(newest)
 
     def deliver(self, job: Job, face: np.ndarray, now: float) -> None:
         """A generated face (engine lock held): kept for its tick, unless that tick was already shown."""

@@ -10,14 +10,13 @@ the two. Defaults reproduce the original inference.py.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from errors import UserError
+from flags import add_arguments, from_namespace, option
+
+__all__ = ["ModelOptions", "Options", "add_arguments", "from_namespace"]  # the flags' builders, for the scripts
 
 DEFAULT_OUTFILE = "results/result_voice.mp4"
 UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
@@ -26,12 +25,6 @@ BLEND_CHOICES = ("paste", "feather")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 BACKEND_CHOICES = ("torch", "onnxruntime")  # what runs the networks (README, "ONNX")
 REGION_FIELDS = ("pads", "crop", "box")  # four integers: top, bottom, left, right
-
-
-def option(default: object, help: str, *, choices: Iterable[str] | None = None, legacy_bool: bool = False):
-    """A field with its command-line help; `legacy_bool` also accepts `--flag True` (the original's `type=bool`)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "legacy_bool": legacy_bool}
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -116,53 +109,3 @@ class ModelOptions:
     detector_onnx_path: str | None = option(
         None, "with --backend onnxruntime: S3FD's .onnx (default: exported from the S3FD weights, cached)"
     )
-
-
-def str2bool(text: str) -> bool:
-    """`--static True` from old command lines (the original's `type=bool`)."""
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
-def _argument(f: dataclasses.Field, hint: object, default: object) -> dict:
-    """argparse keywords for one field, from its type hint."""
-    kwargs: dict = {"default": default, "help": f.metadata["help"]}
-    if hint is bool:
-        return kwargs | ({"nargs": "?", "const": True, "type": str2bool} if f.metadata["legacy_bool"] else
-                         {"action": "store_true"})  # fmt: skip
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if isinstance(hint, types.UnionType) else hint
-    if typing.get_origin(base) is tuple:
-        return kwargs | {"nargs": "+", "type": typing.get_args(base)[0], "default": list(default)}
-    if f.metadata["choices"]:
-        kwargs["choices"] = f.metadata["choices"]
-    return kwargs | {"type": base}
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser,
-    cls: type = Options,
-    *,
-    only: Iterable[str] | None = None,
-    defaults: Mapping[str, object] | None = None,
-    required: Iterable[str] = (),
-) -> None:
-    """Add `--name` for each field of `cls` (or those in `only`), with `defaults` overriding the declared ones."""
-    hints = typing.get_type_hints(cls)
-    wanted = None if only is None else set(only)
-    for f in dataclasses.fields(cls):
-        if wanted is not None and f.name not in wanted:
-            continue
-        kwargs = _argument(f, hints[f.name], (defaults or {}).get(f.name, f.default))
-        if f.name in required:
-            kwargs |= {"required": True, "default": None}
-        parser.add_argument(f"--{f.name}", **kwargs)
-
-
-def from_namespace(cls: type, namespace: argparse.Namespace) -> dict:
-    """The values of `cls`'s fields present in a parsed namespace, as keyword arguments."""
-    values = vars(namespace)
-    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}

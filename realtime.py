@@ -40,14 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="start the WebRTC server instead of file mode")
     p.add_argument("--host", default="127.0.0.1", help="server mode: address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="server mode: port to listen on")
-    p.add_argument("--latency_budget_ms", type=float, default=DEFAULT_BUDGET_MS,
-                   help="a frame not generated within this time of its audio is dropped (the last one repeats)")
-    p.add_argument("--idle", choices=IDLE_CHOICES, default="source",
-                   help="while no speech arrives: show the source frames, or generate frames of silence")
-    p.add_argument("--silence_db", type=float, default=DEFAULT_SILENCE_DB,
-                   help="a frame whose 200 ms of audio is quieter than this (RMS, dB full scale) counts as idle")
-    p.add_argument("--live_batch", type=int, default=LIVE_BATCH,
-                   help="frames per generator call in realtime pace and server mode (more: faster, later)")
+    p.add_argument(
+        "--latency_budget_ms",
+        type=float,
+        default=DEFAULT_BUDGET_MS,
+        help="a frame not generated within this time of its audio is dropped (the last one repeats)",
+    )
+    p.add_argument(
+        "--idle",
+        choices=IDLE_CHOICES,
+        default="source",
+        help="while no speech arrives: show the source frames, or generate frames of silence",
+    )
+    p.add_argument(
+        "--silence_db",
+        type=float,
+        default=DEFAULT_SILENCE_DB,
+        help="a frame whose 200 ms of audio is quieter than this (RMS, dB full scale) counts as idle",
+    )
+    p.add_argument(
+        "--live_batch",
+        type=int,
+        default=LIVE_BATCH,
+        help="frames per generator call in realtime pace and server mode (more: faster, later)",
+    )
     add_arguments(p, ModelOptions, required=("checkpoint_path",))
     add_arguments(p, Options)
     add_hparams_argument(p)

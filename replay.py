@@ -77,17 +77,19 @@ def _fast(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int, wri
     stream = AvatarStream(avatar, sync.generator, layout=layout, cap=cap)
     stats, completed = Stats(), {}  # frame → when the chunk completing its window was fed
     started = stats.first_feed = time.perf_counter()
-    for piece in [*chunks, None]:
-        fed = time.perf_counter()
-        before = stream.speech.next
-        frames = stream.feed(piece) if piece is not None else stream.end()
-        completed.update((i, fed) for i in range(before, stream.speech.next))
-        for i, frame in frames:
-            now = time.perf_counter()
-            stats.first_ready = stats.first_ready or now
-            stats.latencies.append(now - completed.pop(i))
-            stats.generated += 1
-            write(i, frame)
+    try:
+        for piece in [*chunks, None]:
+            fed = time.perf_counter()
+            before = stream.speech.next
+            frames = stream.feed(piece) if piece is not None else stream.end()
+            completed.update((i, fed) for i in range(before, stream.speech.next))
+            for i, frame in frames:
+                now = time.perf_counter()
+                stats.first_ready = stats.first_ready or now
+                stats.latencies.append(now - completed.pop(i))
+                write(i, frame)
+    finally:
+        stream.close()
     figures = stats.summary(avatar.fps, n_frames)
     figures["fps"] = round(n_frames / (time.perf_counter() - started), 2)
     return figures
@@ -96,7 +98,7 @@ def _fast(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int, wri
 def _realtime(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int, write: OnFrame, chunk_s: float,
               *, budget_ms: float, idle: str, silence_db: float, batch: int) -> dict:  # fmt: skip
     """Chunks fed at the pace they are spoken; the frames shown at each tick written as they are shown."""
-    engine = Engine(sync.generator, batch, clock=time.perf_counter)
+    engine = Engine(sync.generator, batch, clock=time.perf_counter, hp=sync.hp)
     t0 = time.perf_counter()
     start = t0 + chunk_s + LOOKAHEAD_S + budget_ms / 1000  # tick 0: frame 0, shown a budget after it can be made
     session = LiveSession(avatar, engine, budget_ms=budget_ms, idle=idle, silence_db=silence_db, start=start)

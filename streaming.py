@@ -27,13 +27,16 @@ does (`layout=offline_layout(...)`): the generator's round-off depends on the ba
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 import audio
 import video
@@ -43,7 +46,6 @@ from frames import FrameSource, loop_frames
 from generation import Batch, Generator, batch_sizes, batches_in_flight, generator_workers
 from hparams import HParams, hparams
 from options import Options
-from streams import ordered_map
 
 HOP_S = 1 / audio.MEL_COLUMNS_PER_SECOND  # 12.5 ms between mel columns
 LOOKAHEAD_S = (audio.MEL_STEP_SIZE - 1) * HOP_S + 0.025  # 212.5 ms: a window's last column, plus n_fft/2
@@ -195,13 +197,13 @@ def _within_budget(source: FrameSource, opts: Options) -> list[np.ndarray] | Non
 
 
 class AvatarStream:
-    """Speech in, chunk by chunk; the avatar's lip-synced frames out, in order, as soon as they can be made.
+    """Speech in, chunk by chunk; the avatar's lip-synced frames out, in order, as soon as they are made.
 
     Every frame is generated (nothing is dropped: `live.LiveSession` adds a clock, idle and a latency
-    budget). `layout`: how many consecutive frames each generator batch takes (the offline run's
-    layout, for identical frames); by default, the frames each chunk completes, `cap` at a time. Batches
-    run on the generator's worker threads as offline. Keeps the speech's state and the frames waiting for
-    their batch.
+    budget). `layout`: how many consecutive frames each generator batch takes (the offline run's, for
+    identical frames); by default, the frames each chunk completes, `cap` at a time. Batches run on the
+    generator's worker threads as offline, while more audio is fed. Keeps the speech's state, the frames
+    waiting for their batch and at most workers + 1 batches in flight; `end` (or `close`) stops the threads.
     """
 
     def __init__(self, avatar: Avatar, generator: Generator, *, layout: Iterable[int] | None = None,
@@ -213,11 +215,19 @@ class AvatarStream:
         self.frames = avatar.frame_loop()
         self.waiting: list[SpeechFrame] = []
         self._next_size: int | None = None
+        self.workers, threads = generator_workers(generator.device)
+        self._main_threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stream", initializer=torch.set_num_threads,
+                                        initargs=(threads,))  # fmt: skip
+        self._in_flight: collections.deque[tuple[int, Future]] = collections.deque()
+        self._ready: list[tuple[int, np.ndarray]] = []
 
-    def feed(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(frame index, BGR frame) for each frame `samples` completed (and whose batch is then full)."""
+    def feed(self, samples: np.ndarray, wait: bool = False) -> list[tuple[int, np.ndarray]]:
+        """(frame index, BGR frame) of the frames made since the last call; with `wait`, of every frame whose
+        window (and batch) `samples` completed."""
         self.waiting += self.speech.feed(samples)
-        return self._generate(self._full_batches())
+        self._submit(self._full_batches())
+        return self._collect(wait)
 
     def end(self) -> list[tuple[int, np.ndarray]]:
         """The remaining frames: the speech is over."""
@@ -227,7 +237,14 @@ class AvatarStream:
             size = min(self._take_size(), len(self.waiting))
             groups.append(self.waiting[:size])
             self.waiting, self._next_size = self.waiting[size:], None
-        return self._generate(groups)
+        self._submit(groups)
+        frames = self._collect(wait=True)
+        self.close()
+        return frames
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._main_threads)  # new threads start from the last value set, the workers'
 
     def _take_size(self) -> int:
         if self._next_size is None:
@@ -242,15 +259,23 @@ class AvatarStream:
             self.waiting, self._next_size = self.waiting[size:], None
         return groups
 
-    def _generate(self, groups: list[list[SpeechFrame]]) -> list[tuple[int, np.ndarray]]:
-        """Crop, generate and paste `groups` of consecutive frames, one generator batch each."""
-        if not groups:
-            return []
-        items = [self._batch(group) for group in groups]
-        workers, threads = generator_workers(self.generator.device)
-        done = ordered_map(lambda item: self.generator.generate(*item, self.cap), items, workers, threads)
-        pasted = paste_batches(done, self.avatar.mask, shared_frames=True)
-        first = groups[0][0].index
+    def _submit(self, groups: list[list[SpeechFrame]]) -> None:
+        """Crop each group of consecutive frames here (in order), generate it on a worker."""
+        for group in groups:
+            while len(self._in_flight) > self.workers:
+                self._ready += self._finish(*self._in_flight.popleft())
+            item = self._batch(group)
+            self._in_flight.append((group[0].index, self._pool.submit(self.generator.generate, *item, self.cap)))
+
+    def _collect(self, wait: bool) -> list[tuple[int, np.ndarray]]:
+        out, self._ready = self._ready, []
+        while self._in_flight and (wait or self._in_flight[0][1].done()):
+            out += self._finish(*self._in_flight.popleft())
+        return out
+
+    def _finish(self, first: int, generated: Future) -> list[tuple[int, np.ndarray]]:
+        """The paste stage for one generated batch."""
+        pasted = paste_batches([generated.result()], self.avatar.mask, shared_frames=True)
         return [(first + i, frame) for i, (frame, _) in enumerate(pasted)]
 
     def _batch(self, group: list[SpeechFrame]) -> tuple[Batch, np.ndarray]:

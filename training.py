@@ -16,8 +16,6 @@ import dataclasses
 import random
 import sys
 import time
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +31,12 @@ from checkpoints import save_checkpoint
 from devices import torchrun_rank
 from errors import UserError
 from files import check_writable, write_text_atomic
+from flags import add_arguments, option
 from hparams import HParams, add_hparams_argument, from_argument
 
 C = TypeVar("C", bound="TrainConfig")
 
 # --- the config: one declaration per setting, from which the flags are derived ---------------------------
-
-
-def option(default: Any = dataclasses.MISSING, help: str | None = None, **flag: Any) -> Any:
-    """A config field that is also the flag `--<name>`: the default is declared here only; `flag` holds
-    argparse's extra keywords (choices, nargs...). A field without a default is a required flag."""
-    return field(default=default, metadata={"flag": {"help": help, **flag}})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,25 +75,9 @@ class TrainConfig:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> None:
-    """One flag per field of `cls`, in field order, typed from its annotation."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("hparams"):
-            add_hparams_argument(parser)
-            continue
-        kwargs = dict(f.metadata["flag"])
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # `int | None`: the flag's type is int
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        if kind is bool:
-            kwargs["action"] = "store_true"
-        elif kind is not str:
-            kwargs["type"] = kind
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
-        parser.add_argument(f"--{f.name}", **kwargs)
+    """One flag per field of `cls` (flags.add_arguments), and --hparams."""
+    add_arguments(parser, cls)
+    add_hparams_argument(parser)
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:

@@ -49,6 +49,7 @@ from checkpoints import load_weights
 from data import SYNCNET_T, Wav2LipDataset
 from errors import run_cli
 from files import atomic_path
+from flags import option
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss
 
 EVAL_STEPS = 700  # the original's batches per evaluation, cycling through its loader
@@ -61,10 +62,10 @@ SYNC_WT_ON, SYNC_WT_ON_GAN = 0.01, 0.03
 class GeneratorConfig(training.TrainConfig):
     """Everything a run of the generator needs: the common flags and the generator's own."""
 
-    syncnet_checkpoint_path: str = training.option(help="the trained expert (e.g. checkpoints/lipsync_expert.pth)")
-    disc_checkpoint_path: str | None = training.option(None, "resume the discriminator from this (--gan)")
-    gan: bool = training.option(False, "train with the visual-quality discriminator")
-    expert_eval_mode: bool = training.option(False, "frozen expert in eval mode (default: train mode, as original)")
+    syncnet_checkpoint_path: str = option(help="the trained expert (e.g. checkpoints/lipsync_expert.pth)")
+    disc_checkpoint_path: str | None = option(None, "resume the discriminator from this (--gan)")
+    gan: bool = option(False, "train with the visual-quality discriminator")
+    expert_eval_mode: bool = option(False, "frozen expert in eval mode (default: train mode, as original)")
 
 
 def build_parser(gan_default: bool = False) -> argparse.ArgumentParser:

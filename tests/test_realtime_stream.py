@@ -152,6 +152,6 @@ def test_streamed_frames_come_as_soon_as_their_window_is_complete(sync, media):
     wav = speech(0.6)
     seen = 0
     for n in range(320, len(wav) + 1, 320):
-        seen += len(stream.feed(wav[n - 320 : n]))
+        seen += len(stream.feed(wav[n - 320 : n], wait=True))
         assert seen == max(0, int(((n / SR - streaming.LOOKAHEAD_S) * 25) // 1) + 1), n
     assert seen + len(stream.end()) == 15
