@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,6 @@ from errors import UserError
 from files import atomic_path
 
 M = TypeVar("M", bound=nn.Module)
-
 
 
 @dataclass(frozen=True)
@@ -78,33 +77,44 @@ def missing_file_message(path: str | os.PathLike, arch: str, flag: str = "--chec
 
 
 def read_file(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path") -> object:
-    """torch.load a weight file onto the CPU, safely (`weights_only`) where the container allows it."""
+    """torch.load a weight file onto the CPU with `weights_only=True`: see `safe_load`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(missing_file_message(path, arch, flag))
+    return safe_load(path, f"download {ARCHS[arch].files} again")
+
+
+UNSAFE = "Weights only load failed"  # how torch's restricted unpickler says a file holds more than weights
+
+
+def safe_load(path: str | os.PathLike, fix: str) -> object:
+    """The tensors, dicts, lists and numbers of a weight file, never anything else: a file that holds
+    other Python objects (which is how a crafted `.pth` runs code when unpickled) is refused, not read.
+
+    Raises a one-line `UserError` ending with `fix` (where to get a good file) for a damaged or a
+    refused file; the two say different things, since re-downloading a hostile file does not help.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # a damaged or hostile pickle: never unpickle it fully
-            raise UserError(_damaged(path, arch, e)) from None
+        if UNSAFE in str(e):
+            raise UserError(refused_message(path, e, fix)) from None
+        raise UserError(damaged_message(path, e, fix)) from None
     except Exception as e:  # noqa: BLE001 - torch reports damage as any of a dozen exception types
-        raise UserError(_damaged(path, arch, e)) from None
-    print(
-        f"warning: {path} holds Python objects besides tensors, so it cannot be read with weights_only=True; "
-        "reading it with full unpickling (only do this for files you trust)",
-        file=sys.stderr,
-    )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(_damaged(path, arch, e)) from None
+        raise UserError(damaged_message(path, e, fix)) from None
 
 
-def _damaged(path: Path, arch: str, e: BaseException) -> str:
+def refused_message(path: str | os.PathLike, e: BaseException, fix: str) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f" such as {found.group(1)}" if found else ""
     return (
-        f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}), probably truncated or damaged; "
-        f"download {ARCHS[arch].files} again"
+        f"{path}: refused for safety: the file holds more than weights (Python objects{what}, which loading "
+        f"would run), so it was not loaded; use a file from a source you trust ({fix})"
     )
+
+
+def damaged_message(path: str | os.PathLike, e: BaseException, fix: str) -> str:
+    return f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}), probably truncated or damaged; {fix}"
 
 
 def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
+import checkpoint_io
 import training
 from checkpoints import load_weights
 from data import SyncDataset
@@ -54,7 +55,7 @@ def loss_of(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], ctx: traini
     x, mel, y = (t.to(ctx.device, non_blocking=True) for t in batch)
     with training.autocast(ctx, amp):
         a, v = model(mel, x)
-    return cosine_loss(a.float(), v.float(), y)
+    return training.finite_or_nan(cosine_loss, a.float(), v.float(), y)
 
 
 def evaluate(model: SyncNet_color, loader: DataLoader, ctx: training.Context, amp: str, max_batches: int) -> float:
@@ -90,23 +91,28 @@ def train(config: ExpertConfig) -> training.RunResult:
         start = 0, 0  # (step, epoch)
         if config.checkpoint_path:
             container = load_weights(model, config.checkpoint_path, "SyncNet_color", "--checkpoint_path")
-            start = training.resume(container, optimizer, config.checkpoint_path)
+            start = checkpoint_io.resume(container, optimizer, config.checkpoint_path, hp)
         ddp_model = training.wrap_ddp(model, ctx)
         scaler = training.grad_scaler(ctx, config.amp)
-        (step, epoch), evaluation, path = start, {}, None
+        (step, epoch), evaluation, path, skipped = start, {}, None, 0
 
         banner = (f"expert: {len(train_set)} train / {len(val_set)} val windows, {ctx.world_size} process(es) on "
                   f"{ctx.device}, from step {step}")  # fmt: skip
         with training.Monitor(folder, ctx, config, banner, step) as monitor:
             for step, epoch, batch, last in training.steps(train_loader, *start, config.max_steps):
                 loss = loss_of(ddp_model, batch, ctx, config.amp)
-                training.optimizer_step(loss, optimizer, scaler)
-                monitor.trained(step, epoch, {"loss": loss.item()}, len(batch[2]), lr=optimizer.param_groups[0]["lr"])
+                losses, good = {"loss": loss.item()}, path or config.checkpoint_path  # good: the last good checkpoint
+                checkpoint_io.check_finite(step, losses, good)  # before the step: a NaN never reaches the weights
+                skipped += not training.optimizer_step(loss, optimizer, scaler)
+                lr = optimizer.param_groups[0]["lr"]
+                monitor.trained(step, epoch, losses, len(batch[2]), lr=lr, **training.amp_scalars(scaler, skipped))
                 if step % hp.syncnet_eval_interval == 0 or last:
                     evaluation = {"loss": evaluate(model, val_loader, ctx, config.amp, eval_steps)}
+                    checkpoint_io.check_finite(step, {f"eval {k}": v for k, v in evaluation.items()}, good)
                     monitor.evaluated(step, evaluation)
                 if (step % hp.syncnet_checkpoint_interval == 0 or last) and ctx.is_main:
-                    path = training.save(folder, model, optimizer, step, epoch, hp, keep_last=config.keep_last)
+                    path = checkpoint_io.save(folder, model, optimizer, step, epoch, hp, keep_last=config.keep_last,
+                                              last_good=good)  # fmt: skip
             result = training.RunResult(step, epoch, evaluation, path, model)
             monitor.finished(result)
         return result

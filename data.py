@@ -74,14 +74,21 @@ def read_filelist(
             "or write one with preprocess.py --filelist_out"
         )
     entries = [line.split()[0] for line in listfile.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise UserError(
+            f"{listfile}: the filelist is empty; list the videos ('<speaker>/<video>') of the {split} split"
+        )
+    for e in entries:
+        if Path(e).is_absolute() or ".." in Path(e).parts:
+            raise UserError(f"{listfile}: entry {e!r} points outside --data_root; lines must be '<speaker>/<video>'")
     folders = [data_root / e for e in entries]
     missing = [f for f in folders if not f.is_dir()]
     if missing:
-        raise UserError(
-            f"{listfile}: {len(missing)} of {len(folders)} entries have no folder under {data_root}, "
-            f"e.g. {missing[0]}; preprocess those videos or remove them from the list"
-        )
-    return folders
+        what = f"{len(missing)} of {len(folders)} entries have no folder under {data_root}, e.g. {missing[0]}"
+        if len(missing) == len(folders):
+            raise UserError(f"{listfile}: {what}; preprocess those videos or pass the matching --data_root")
+        print(f"warning: {listfile}: {what}; skipped (preprocess them or remove them from the list)", file=sys.stderr)
+    return [f for f in folders if f.is_dir()]
 
 
 # --- the mel cache ---------------------------------------------------------------------------------------
@@ -232,7 +239,7 @@ class LRS2Windows(Dataset):
         for folder in folders:
             try:
                 video = scan_video(folder, hp, self.segmented)
-            except (OSError, UserError) as e:
+            except (OSError, ValueError, EOFError, UserError) as e:  # an unreadable audio.wav or folder
                 self.report_bad(folder, e)
                 continue
             if video is not None and len(video.starts):
@@ -288,9 +295,7 @@ class LRS2Windows(Dataset):
         size = self.hp.img_size
         frames = []
         for i in range(start, start + SYNCNET_T):
-            img = cv2.imread(str(folder / f"{i}.jpg"))
-            if img is None:
-                raise ValueError(f"{i}.jpg cannot be read as an image")
+            img = read_jpeg(folder / f"{i}.jpg")
             frames.append(cv2.resize(img, (size, size)))
         return np.stack(frames)
 
@@ -300,6 +305,17 @@ class LRS2Windows(Dataset):
         if len(candidates) == 0:
             return int(video.frame_windows[np.argmax(np.abs(video.frame_windows - start))])
         return int(random.choice(candidates))
+
+
+def read_jpeg(path: Path) -> np.ndarray:
+    """A BGR crop; a truncated file (cv2 decodes what is there and greys out the rest) is an error."""
+    buf = np.fromfile(path, np.uint8)
+    if b"\xff\xd9" not in buf[-32:].tobytes():  # JPEG's end-of-image marker: absent when the file was cut short
+        raise ValueError(f"{path.name} cannot be read as an image (truncated, or not a JPEG)")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path.name} cannot be read as an image")
+    return img
 
 
 class SyncDataset(LRS2Windows):

@@ -46,6 +46,7 @@ IDLE_CHOICES = ("source", "generate")
 DEFAULT_BUDGET_MS = 500
 DEFAULT_SILENCE_DB = -50.0  # RMS over a frame's 200 ms window, dB full scale: below it, a frame is silence
 LIVE_BATCH = 2  # frames per generator call: 2 costs ~15 % more CPU per frame than 16, but half the wait of 4
+BATCH_SHARE_OF_BUDGET = 0.5  # a generator call may take up to half the latency budget (the rest: waiting)
 LATENCIES_KEPT = 20_000  # per session, for the percentiles (13 minutes at 25 fps)
 Clock = Callable[[], float]
 
@@ -86,6 +87,18 @@ class Stats:
         }  # fmt: skip
 
 
+def single_threaded_blas() -> None:
+    """NumPy's BLAS on one thread for the rest of the process (realtime.py calls it once, at the top).
+
+    A stream multiplies 16 mel columns at a time, a few microseconds of work; on two threads, the second
+    waits for a core the generator keeps busy, and a 20 ms chunk's mel then takes 3-12 ms instead of 0.1.
+    The products are the same on one thread (tests/test_realtime_stream.py holds them to the offline mel).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 class Engine:
     """The generate stage for every live session: one model, worker threads, batches across sessions.
 
@@ -95,9 +108,12 @@ class Engine:
     """
 
     def __init__(self, generator: Generator, batch: int = LIVE_BATCH, clock: Clock = time.monotonic,
-                 hp: HParams = hparams) -> None:  # fmt: skip
+                 hp: HParams = hparams, workers: int | None = None) -> None:  # fmt: skip
+        """`workers`: threads running the generator (default: as offline); 0 for none: the caller then runs
+        `take` and `finish` itself (a simulation)."""
         self.generator, self.batch, self.clock, self.hp = generator, batch, clock, hp
-        self.workers, self.threads = generator_workers(generator.device)
+        n_workers, self.threads = generator_workers(generator.device)
+        self.workers = n_workers if workers is None else workers
         self.lock = threading.Condition()
         self.sessions: list[LiveSession] = []
         self.seconds_per_frame = 0.0  # measured, per worker
@@ -105,8 +121,11 @@ class Engine:
         self._closed = False
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"live-{i}")
                          for i in range(self.workers)]  # fmt: skip
+        self._warm = threading.Semaphore(0)
         for thread in self._threads:
             thread.start()
+        for _ in self._threads:  # ready: the first frame will not pay for building the kernels
+            self._warm.acquire()
 
     def add(self, session: LiveSession) -> None:
         with self.lock:
@@ -130,7 +149,7 @@ class Engine:
         self._warm_up()
         while True:
             with self.lock:
-                while not self._closed and not (jobs := self._take(self.clock())):
+                while not self._closed and not (jobs := self.take(self.clock())):
                     self.lock.wait(timeout=self._next_eligible())
                 if self._closed:
                     return
@@ -140,29 +159,38 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the frames are dropped; the server and its sessions go on
                 print(f"generator failed on {len(jobs)} frames: {e}", file=sys.stderr)
                 continue
-            now = self.clock()
-            per_frame = (now - started) / len(jobs)
-            with self.lock:
-                old = self.seconds_per_frame
-                self.seconds_per_frame = per_frame if old == 0 else 0.8 * old + 0.2 * per_frame
-                for job, face in zip(jobs, faces, strict=True):
-                    job.session.deliver(job, face, now)
+            self.finish(jobs, faces, started, self.clock())
+
+    def finish(self, jobs: list[Job], faces: np.ndarray, started: float, now: float) -> None:
+        """Hand generated faces back to their sessions; learn how long a frame takes."""
+        per_frame = (now - started) / len(jobs)
+        with self.lock:
+            old = self.seconds_per_frame
+            self.seconds_per_frame = per_frame if old == 0 else 0.8 * old + 0.2 * per_frame
+            for job, face in zip(jobs, faces, strict=True):
+                job.session.deliver(job, face, now)
 
     def _warm_up(self) -> None:
         """One call per batch size before the first frame: the first call of a shape builds its kernels."""
         size, mels = self.hp.img_size, self.hp.num_mels
-        for n in range(1, self.batch + 1):
-            self.generator.predict(np.zeros((n, size, size, 3), np.uint8), np.zeros((n, 1, mels, 16), np.float32))
+        try:
+            for n in range(1, self.batch + 1):
+                self.generator.predict(np.zeros((n, size, size, 3), np.uint8), np.zeros((n, 1, mels, 16), np.float32))
+        finally:
+            self._warm.release()
 
-    def _take(self, now: float) -> list[Job]:
-        """Up to `batch` jobs, one session at a time in turn, each session's newest first."""
+    def take(self, now: float) -> list[Job]:
+        """Up to `batch` jobs, one session at a time in turn, each session's newest first; fewer when a batch
+        would take more than half the tightest latency budget (a slow or busy machine)."""
         if not self.sessions:
             return []
-        busy = self.seconds_per_frame * self.batch
+        budget = min(s.budget for s in self.sessions)
+        size = max(1, min(self.batch, int(BATCH_SHARE_OF_BUDGET * budget / max(self.seconds_per_frame, 1e-9))))
+        busy = self.seconds_per_frame * size
         order = self.sessions[self._turn % len(self.sessions) :] + self.sessions[: self._turn % len(self.sessions)]
         self._turn += 1
         jobs: list[Job] = []
-        while order and len(jobs) < self.batch:
+        while order and len(jobs) < size:
             session = order.pop(0)
             if (job := session.take(now, busy)) is not None:
                 jobs.append(job)
@@ -215,9 +243,13 @@ class LiveSession:
                 self.begin(now=now)
             if self.stats.first_feed is None:
                 self.stats.first_feed = now
-            sr = self.avatar.hp.sample_rate
-            self.audio_out.write(round(self.first * sr / self.fps) + self.speech.mel_stream.n_samples, samples)
-            self._schedule(self.speech.feed(samples), now)
+            position = self.speech.mel_stream.n_samples
+            frames = self.speech.feed(samples)
+            if frames and self.first + frames[0].index < self.tick:
+                # the input stalled and its frames would all be late: shown a budget from now, later on
+                self.first = math.ceil((now + self.budget - self.start) * self.fps) - frames[0].index
+            self.audio_out.write(round(self.first * self.avatar.hp.sample_rate / self.fps) + position, samples)
+            self._schedule(frames, now)
 
     def end(self, now: float | None = None) -> int:
         """The utterance is over: its last frames (at least 0.2 s of speech is needed); returns its frame count."""
@@ -260,7 +292,9 @@ class LiveSession:
         for f in frames:
             tick = self.first + f.index
             self.stats.speech_frames += 1
-            if f.level_db < self.silence_db and self.idle == "source":
+            if tick < self.tick:  # its tick was shown before its audio arrived (a stalled input): a drop
+                self.stats.dropped, self.stats.idle = self.stats.dropped + 1, self.stats.idle - 1
+            elif f.level_db < self.silence_db and self.idle == "source":
                 self.plan[tick] = "idle"
             else:
                 self._queue(tick, f.mel, now)
@@ -287,7 +321,7 @@ class LiveSession:
 
     def deliver(self, job: Job, face: np.ndarray, now: float) -> None:
         """A generated face (engine lock held): kept for its tick, unless that tick was already shown."""
-        if job.tick < self.tick or self.plan.get(job.tick) is not job:
+        if now > job.deadline or job.tick < self.tick or self.plan.get(job.tick) is not job:
             return
         self.faces[job.tick] = face
         self.stats.latencies.append(now - job.eligible)

@@ -48,6 +48,8 @@ from files import check_writable, write_text_atomic
 from hparams import HParams, add_hparams_argument, from_argument, hparams
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from face_detection import Box
 
 
@@ -71,9 +73,23 @@ def list_videos(data_root: str | os.PathLike, pattern: str = "*/*.mp4") -> list[
     if not data_root.is_dir():
         raise UserError(f"{data_root}: --data_root not found; pass LRS2's 'main' folder (<speaker>/<video>.mp4)")
     videos = sorted(data_root.glob(pattern))
-    if not videos:
+    if not videos and not unreadable_folders(data_root):
         raise UserError(f"{data_root}: no video matches '{pattern}'; pass the folder holding <speaker>/<video>.mp4")
     return videos
+
+
+def unreadable_folders(data_root: Path) -> list[Outcome]:
+    """A failure for each speaker folder that cannot be listed: glob skips those without a word."""
+    failed = []
+    for entry in sorted(data_root.iterdir()):
+        if entry.name.startswith(".") or not (entry.is_dir() or entry.is_symlink()):
+            continue
+        try:
+            with os.scandir(entry):
+                pass
+        except OSError as e:
+            failed.append(Outcome(entry.name, "failed", reason=f"folder cannot be read ({e.strerror or e})"))
+    return failed
 
 
 def output_folder(vfile: Path, out_root: Path) -> Path:
@@ -149,6 +165,8 @@ def process_video(
         return Outcome(name, "done", frames, faces)
     except (UserError, OSError, ValueError) as e:
         return Outcome(name, "failed", reason=str(e).removeprefix(f"{vfile}: "))
+    except Exception as e:  # noqa: BLE001 - one odd file (decoders raise anything) must not end a run of 45,000
+        return Outcome(name, "failed", reason=f"{type(e).__name__}: {e}")
 
 
 # --- worker processes: one detector each, built on first use -----------------------------------------------
@@ -211,8 +229,7 @@ def run(
     if len(devices) == 1 or detector_factory is not None:
         detector = (detector_factory or (lambda d: make_detector(d, detector_path)))(devices[0])
         for vfile in videos:
-            outcomes.append(process_video(vfile, out_root, detector, batch_size=batch_size, hp=hp))
-            bar.update(1)
+            finished(outcomes, process_video(vfile, out_root, detector, batch_size=batch_size, hp=hp), bar)
     else:
         import multiprocessing
 
@@ -223,10 +240,17 @@ def run(
                 for i, v in enumerate(videos)
             ]
             for future in as_completed(futures):
-                outcomes.append(future.result())
-                bar.update(1)
+                finished(outcomes, future.result(), bar)
     bar.close()
     return outcomes
+
+
+def finished(outcomes: list[Outcome], outcome: Outcome, bar: tqdm) -> None:
+    """Note a video's outcome; a failure gets its one line on stderr now, not only in the report."""
+    outcomes.append(outcome)
+    if outcome.status == "failed":
+        bar.write(f"failed: {outcome.video}: {outcome.reason}", file=sys.stderr)
+    bar.update(1)
 
 
 def write_filelists(out_root: Path, folder: Path, val_fraction: float = 0.05, seed: int = 0) -> tuple[int, int]:
@@ -315,6 +339,9 @@ def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detect
         progress=not args.no_tqdm,
         hp=hp,
     )
+    for failure in unreadable_folders(Path(args.data_root)) if rank.rank == 0 else []:
+        outcomes.append(failure)
+        print(f"failed: {failure.video}: {failure.reason}", file=sys.stderr)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     report = {
         "data_root": str(args.data_root),
@@ -335,5 +362,14 @@ def main(argv: list[str] | None = None, detector_factory: Callable[[str], Detect
     return report
 
 
+EXIT_FAILED = 1  # the run went through, but some videos failed (listed in the report)
+
+
+def cli() -> None:
+    """The command line: exit status 0 when every video is done, EXIT_FAILED when any failed."""
+    if main()["failed"]:
+        sys.exit(EXIT_FAILED)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(cli)

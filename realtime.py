@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Lip-sync a live stream of speech: a file fed chunk by chunk, or a "
                                 "WebRTC server")  # fmt: skip
     p.add_argument("--face", required=True, help="the avatar: a video (looped forward) or an image")
+    add_arguments(p, ModelOptions, required=("checkpoint_path",))
+    add_arguments(p, Options)
+    add_hparams_argument(p)
     p.add_argument("--audio", help="file mode: the speech to feed through the stream")
     p.add_argument("--outfile", default=DEFAULT_OUTFILE, help="file mode: output video (H.264 + AAC)")
     p.add_argument("--chunk_ms", type=float, default=20.0, help="file mode: milliseconds of audio per chunk")
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="start the WebRTC server instead of file mode")
     p.add_argument("--host", default="127.0.0.1", help="server mode: address to listen on")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="server mode: port to listen on")
+    p.add_argument("--max_sessions", type=int, default=8, help="server mode: connections served at once")
     p.add_argument(
         "--latency_budget_ms",
         type=float,
@@ -64,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=LIVE_BATCH,
         help="frames per generator call in realtime pace and server mode (more: faster, later)",
     )
-    add_arguments(p, ModelOptions, required=("checkpoint_path",))
-    add_arguments(p, Options)
-    add_hparams_argument(p)
     return p
 
 
@@ -74,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not args.serve and not args.audio:
         raise UserError("give --audio (file mode) or --serve (server mode)")
-    if args.latency_budget_ms <= 0 or args.live_batch < 1 or args.chunk_ms <= 0:
-        raise UserError("--latency_budget_ms, --chunk_ms and --live_batch must be positive")
+    if min(args.latency_budget_ms, args.live_batch, args.chunk_ms, args.max_sessions) <= 0:
+        raise UserError("--latency_budget_ms, --chunk_ms, --live_batch and --max_sessions must be positive")
     from lipsync import LipSync
+    from live import single_threaded_blas
 
+    single_threaded_blas()
     sync = LipSync(args.checkpoint_path, args.device, fp16=args.fp16, detector_path=args.detector_path,
                    hp=from_argument(args.hparams), quiet=args.quiet)  # fmt: skip
     live = {"budget_ms": args.latency_budget_ms, "idle": args.idle, "silence_db": args.silence_db,
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         from webrtc_server import serve
 
-        serve(sync, args.face, args.host, args.port, live, options)
+        serve(sync, args.face, args.host, args.port, live, options, args.max_sessions)
         return
     from replay import replay
 

@@ -106,7 +106,7 @@ class SpeechFrames:
         lo = max(0, start * hop - pad - self._wav_start)
         covered = self._wav[lo : (start + audio.MEL_STEP_SIZE - 1) * hop + pad - self._wav_start]
         rms = float(np.sqrt(np.mean(np.square(covered, dtype=np.float64)))) if len(covered) else 0.0
-        level = 20 * np.log10(rms) if rms > 0 else SILENCE_FLOOR_DB
+        level = 20 * float(np.log10(rms)) if rms > 0 else SILENCE_FLOOR_DB
         window = self._mel[:, start - self._mel_start : start - self._mel_start + audio.MEL_STEP_SIZE]
         self.next += 1
         return SpeechFrame(self.next - 1, window.copy(), level)

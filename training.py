@@ -16,7 +16,7 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from checkpoints import save_checkpoint
+from checkpoint_io import exclusive, remove_partials
 from devices import torchrun_rank
-from errors import UserError
 from files import check_writable, write_text_atomic
 from flags import add_arguments, option
 from hparams import HParams, add_hparams_argument, from_argument
@@ -132,7 +131,11 @@ def session(config: TrainConfig) -> Iterator[tuple[Context, Path]]:
     if config.amp != "off" and ctx.device.type != "cuda" and ctx.is_main:
         print(f"note: --amp {config.amp} only applies on CUDA; training in float32 on {ctx.device}", file=sys.stderr)
     try:
-        yield ctx, check_writable(config.checkpoint_dir, "--checkpoint_dir")
+        folder = check_writable(config.checkpoint_dir, "--checkpoint_dir")
+        with exclusive(folder) if ctx.is_main else contextlib.nullcontext():
+            if ctx.is_main:
+                remove_partials(folder)  # a killed run's half-written checkpoints: ours to remove, holding the lock
+            yield ctx, folder
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -219,12 +222,31 @@ def grad_scaler(ctx: Context, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and ctx.device.type == "cuda")
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Backward and one (scaled) optimizer step, the same for every network trained here."""
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Backward and one (scaled) optimizer step, the same for every network trained here. False when the
+    fp16 scaler skipped the step (gradients overflowed; it lowers its scale and the next step goes on):
+    normal with fp16 now and then, counted and reported, not divergence."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     scaler.step(optimizer)
     scaler.update()
+    return not scaler.is_enabled() or scaler.get_scale() >= scale
+
+
+def finite_or_nan(
+    loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, v: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """`loss_fn(a, v, y)` (the expert's BCE), or NaN when the embeddings are not finite: BCE raises on NaN,
+    and a diverged run must stop with `checkpoint_io.DivergedError`'s message, not that traceback."""
+    if not (torch.isfinite(a).all() and torch.isfinite(v).all()):
+        return torch.full((), float("nan"), device=a.device)
+    return loss_fn(a, v, y)
+
+
+def amp_scalars(scaler: torch.amp.GradScaler, skipped: int) -> dict[str, float]:
+    """What to log of the fp16 scaler: its scale and the steps it skipped so far (nothing without fp16)."""
+    return {"amp_scale": scaler.get_scale(), "amp_skipped_steps": skipped} if scaler.is_enabled() else {}
 
 
 def all_reduce_mean(sums: dict[str, float], count: int, ctx: Context) -> dict[str, float]:
@@ -235,73 +257,6 @@ def all_reduce_mean(sums: dict[str, float], count: int, ctx: Context) -> dict[st
         dist.all_reduce(t)  # gloo reduces CPU tensors, nccl GPU ones: t lives on this rank's device
     n = max(t[-1].item(), 1)
     return {k: t[i].item() / n for i, k in enumerate(keys)}
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------
-
-
-def checkpoint_path(folder: Path, step: int, prefix: str = "") -> Path:
-    return folder / f"{prefix}checkpoint_step{step:09d}.pth"
-
-
-def rng_states() -> dict:
-    """Every RNG's state as tensors and lists of ints, so checkpoints load with weights_only=True."""
-    version, state, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": [version, list(state), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_states(states: dict | None) -> None:
-    if not states:
-        return
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    epoch: int,
-    hp: HParams,
-    *,
-    prefix: str = "",
-    keep_last: int = 0,
-    **extra: object,
-) -> Path:
-    """The original container plus hparams and RNG states, written atomically; prunes to `keep_last`."""
-    path = checkpoint_path(folder, step, prefix)
-    optimizer_state = optimizer if hp.save_optimizer_state else None
-    save_checkpoint(path, model, optimizer_state, step, epoch, hparams=hp.values(), rng_states=rng_states(), **extra)
-    if keep_last > 0:
-        for p in sorted(folder.glob(f"{prefix}checkpoint_step*.pth"))[:-keep_last]:
-            p.unlink(missing_ok=True)
-    return path
-
-
-def resume(container: dict, optimizer: torch.optim.Optimizer | None, path: str | Path) -> tuple[int, int]:
-    """Restore the optimizer and RNG states from a loaded container; returns (global_step, global_epoch).
-
-    A file with weights only (e.g. to fine-tune) starts at step 0 with a fresh optimizer.
-    """
-    if optimizer is not None and container.get("optimizer") is not None:
-        try:
-            optimizer.load_state_dict(container["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: its optimizer state does not fit this model's optimizer ({e})") from None
-    set_rng_states(container.get("rng_states"))
-    return int(container.get("global_step", 0)), int(container.get("global_epoch", 0))
 
 
 @dataclass(frozen=True)
@@ -349,6 +304,7 @@ class Monitor:
         show = ctx.is_main and not config.no_tqdm
         self.bar = tqdm(total=config.max_steps, initial=step, disable=not show, dynamic_ncols=True, unit="step")
         self.running, self.shown = Running(), Running()  # since the last log line; since the start
+        self.amp_skipped = 0  # optimizer steps skipped by the fp16 scaler, reported at the end
         self.tick = time.time()
         if not ctx.is_main:
             return
@@ -389,6 +345,7 @@ class Monitor:
 
     def trained(self, step: int, epoch: int, losses: dict[str, float], samples: int, **scalars: float) -> None:
         """After each training step: `losses` of this step, `samples` in this rank's batch."""
+        self.amp_skipped = int(scalars.get("amp_skipped_steps", 0))
         self.running.add(losses)
         self.shown.add(losses)
         self.bar.update(1)
@@ -410,6 +367,10 @@ class Monitor:
         if self.ctx.is_main:
             losses = ", ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
             self.bar.write(f"step {result.step}: eval {losses}; checkpoint {result.checkpoint}")
+            if self.amp_skipped:
+                self.bar.write(
+                    f"note: the fp16 gradient scaler skipped {self.amp_skipped} steps (overflow; not divergence)"
+                )
 
 
 def write_options(folder: Path, config: TrainConfig) -> None:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+import checkpoint_io
 import training
 from checkpoints import load_weights
 from data import SYNCNET_T, Wav2LipDataset
@@ -121,7 +122,7 @@ def sync_loss(syncnet: nn.Module, mel: torch.Tensor, g: torch.Tensor, ctx: train
     frames = torch.cat([lower[:, :, i] for i in range(SYNCNET_T)], dim=1)
     with training.autocast(ctx, amp):
         a, v = syncnet(mel, frames)
-    return cosine_loss(a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
+    return training.finite_or_nan(cosine_loss, a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
 
 
 @contextlib.contextmanager
@@ -190,6 +191,7 @@ class Networks:
     ddp_disc: nn.Module | None
     scaler: torch.amp.GradScaler
     disc_scaler: torch.amp.GradScaler
+    skipped: int = 0  # optimizer steps the fp16 scaler skipped (overflow), both networks
 
 
 def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Networks, SyncWeight, tuple[int, int]]:
@@ -207,7 +209,7 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
     start = 0, 0
     if config.checkpoint_path:
         container = load_weights(model, config.checkpoint_path, "Wav2Lip", "--checkpoint_path")
-        start = training.resume(container, optimizer, config.checkpoint_path)
+        start = checkpoint_io.resume(container, optimizer, config.checkpoint_path, hp)
         if "sync_weight" in container:
             sync_weight.load_state_dict(container["sync_weight"])
         elif "syncnet_wt" in container:  # the checkpoints of this project's first version
@@ -219,7 +221,7 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
         disc_optimizer = torch.optim.Adam(params, hp.disc_initial_learning_rate, (0.5, 0.999))
         if config.disc_checkpoint_path:
             container = load_weights(disc, config.disc_checkpoint_path, "Wav2Lip_disc_qual", "--disc_checkpoint_path")
-            training.resume(container, disc_optimizer, config.disc_checkpoint_path)
+            checkpoint_io.resume(container, disc_optimizer, config.disc_checkpoint_path, hp)
     ddp_disc = training.wrap_ddp(disc, ctx) if disc is not None else None
     scalers = training.grad_scaler(ctx, config.amp), training.grad_scaler(ctx, config.amp)
     nets = Networks(model, optimizer, syncnet, disc, disc_optimizer, training.wrap_ddp(model, ctx), ddp_disc, *scalers)
@@ -240,11 +242,11 @@ def train_step(
     sync = sync_loss(nets.syncnet, mel, g, ctx, amp) if syncnet_wt > 0 else zero
     percep = perceptual_loss(nets.disc, g, ctx, amp) if disc_wt > 0 else zero
     loss = syncnet_wt * sync + disc_wt * percep + (1.0 - syncnet_wt - disc_wt) * l1
-    training.optimizer_step(loss, nets.optimizer, nets.scaler)
+    nets.skipped += not training.optimizer_step(loss, nets.optimizer, nets.scaler)
     losses = {"l1": l1.item(), "sync_loss": sync.item()}
     if nets.disc is not None:  # the discriminator: real against generated
         real, fake = disc_losses(nets.ddp_disc, gt, g, ctx, amp)
-        training.optimizer_step(real + fake, nets.disc_optimizer, nets.disc_scaler)
+        nets.skipped += not training.optimizer_step(real + fake, nets.disc_optimizer, nets.disc_scaler)
         losses |= {"perceptual": percep.item(), "disc_real": real.item(), "disc_fake": fake.item()}
     return losses, g
 
@@ -275,14 +277,18 @@ def evaluate(nets: Networks, loader: DataLoader, ctx: training.Context, amp: str
     return training.all_reduce_mean(sums, count, ctx)
 
 
-def save(folder: Path, nets: Networks, step: int, epoch: int, config: GeneratorConfig, sync_weight: SyncWeight) -> Path:
-    """The generator's checkpoint (with the sync-loss weight) and, with --gan, the discriminator's."""
+def save(
+    folder: Path, nets: Networks, step: int, epoch: int, config: GeneratorConfig, sync_weight: SyncWeight, good: Path
+) -> Path:
+    """The generator's checkpoint (with the sync-loss weight) and, with --gan, the discriminator's; `good`:
+    the last good checkpoint, named if these weights diverged (and are not written)."""
     hp, keep = config.hparams, config.keep_last
     extra = {"sync_weight": sync_weight.state_dict(), "gan": config.gan}
-    path = training.save(folder, nets.model, nets.optimizer, step, epoch, hp, keep_last=keep, **extra)
     if nets.disc is not None:
-        training.save(folder, nets.disc, nets.disc_optimizer, step, epoch, hp, prefix="disc_", keep_last=keep)
-    return path
+        checkpoint_io.save(folder, nets.disc, nets.disc_optimizer, step, epoch, hp, prefix="disc_", keep_last=keep,
+                           last_good=good)  # fmt: skip
+    return checkpoint_io.save(folder, nets.model, nets.optimizer, step, epoch, hp, keep_last=keep, last_good=good,
+                              **extra)  # fmt: skip
 
 
 def train(config: GeneratorConfig) -> GeneratorResult:
@@ -295,6 +301,7 @@ def train(config: GeneratorConfig) -> GeneratorResult:
         train_loader, val_loader = training.loaders(train_set, val_set, hp.batch_size, ctx, config, 4)
         nets, sync_weight, start = build_networks(config, ctx)
         (step, epoch), evaluation, path = start, {}, None
+        good = config.checkpoint_path  # the last good checkpoint, for the message if the run diverges
 
         banner = (f"generator{' + GAN' if config.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
                   f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {sync_weight.value}")  # fmt: skip
@@ -302,13 +309,15 @@ def train(config: GeneratorConfig) -> GeneratorResult:
             for step, epoch, batch, last in training.steps(train_loader, *start, config.max_steps):
                 batch = [t.to(ctx.device, non_blocking=True) for t in batch]
                 losses, g = train_step(nets, batch, sync_weight.value, disc_wt, ctx, config.amp)
-                lr = nets.optimizer.param_groups[0]["lr"]
-                monitor.trained(step, epoch, losses, len(g), syncnet_wt=sync_weight.value, lr=lr)
+                checkpoint_io.check_finite(step, losses, good)
+                lr, amp = nets.optimizer.param_groups[0]["lr"], training.amp_scalars(nets.scaler, nets.skipped)
+                monitor.trained(step, epoch, losses, len(g), syncnet_wt=sync_weight.value, lr=lr, **amp)
                 if step == 1 or step % hp.eval_interval == 0 or last:
                     evaluation = evaluate(nets, val_loader, ctx, config.amp, eval_steps)
+                    checkpoint_io.check_finite(step, {f"eval {k}": v for k, v in evaluation.items()}, good)
                     monitor.evaluated(step, evaluation, syncnet_wt=sync_weight.update(evaluation["sync_loss"]))
                 if (step % hp.checkpoint_interval == 0 or last) and ctx.is_main:
-                    path = save(folder, nets, step, epoch, config, sync_weight)
+                    good = path = save(folder, nets, step, epoch, config, sync_weight, good)
                     save_sample_images(batch[0], g, batch[3], step, folder)
             result = GeneratorResult(step, epoch, evaluation, path, nets.model, sync_weight.value, nets.disc)
             monitor.finished(result)

@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=CPU_BATCH_SIZE, help="generator batch (the pipeline's on a CPU)")
     p.add_argument("--frames", type=int, default=None, help="generator frames per round (default: 4 batches/worker)")
-    p.add_argument("--det_batch", type=int, default=4, help="S3FD frames per forward pass")
+    p.add_argument("--det_batch", type=int, default=2, help="S3FD frames per forward pass")
     args = p.parse_args()
     device = torch.device(args.device)
     tune_cpu_allocator()  # as inference does

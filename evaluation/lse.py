@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import python_speech_features
 import torch
+from tqdm import tqdm
 
 from errors import UserError
 from evaluation import media
@@ -194,6 +196,66 @@ def write_results(rows: dict[str, dict], out: str | os.PathLike) -> None:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows({"name": name, **row} for name, row in rows.items())
+
+
+def read_results(out: str | os.PathLike) -> dict[str, dict]:
+    """The rows an earlier (interrupted) run wrote to `out`: none when it does not exist yet. A file that
+    is not one of our result files is refused rather than overwritten."""
+    out = Path(out)
+    if not out.exists():
+        return {}
+    try:
+        if out.suffix.lower() == ".json":
+            rows = json.loads(out.read_text())
+            if isinstance(rows, dict) and all(isinstance(r, dict) for r in rows.values()):
+                return rows
+        else:
+            with open(out, newline="") as f:
+                table = list(csv.DictReader(f))
+            if table and "name" in table[0]:
+                return {r.pop("name"): {k: _cell(v) for k, v in r.items()} for r in table}
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    raise UserError(f"{out}: exists and is not a result file of this script; move it away or choose another --out")
+
+
+def _cell(text: str) -> object:
+    """A CSV cell back as the value it was written from: '' is None, numbers are numbers."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def score_all(
+    videos: list[str], score: Callable[[str], dict[str, dict]], out: str | os.PathLike | None = None
+) -> dict[str, dict]:
+    """Rows of every video: `score(path)`'s rows, or one error row when it fails, with `out` rewritten
+    (atomically) after every video, so it is whole whenever the run stops; a restarted run keeps the
+    rows `out` already has and scores only the videos without one (or with an error row)."""
+    rows = {k: r for k, r in read_results(out).items() if not r.get("error")} if out else {}
+    done = {name.split("/")[0] for name in rows}
+    bar = tqdm(videos)
+    for path in bar:
+        name = Path(path).name
+        if name in done:
+            continue
+        try:
+            new = score(path)
+        except Exception as e:  # noqa: BLE001 - a corrupt video (decoders raise anything) gets its row, the run goes on
+            message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            new = {name: {"offset": None, "lse_d": None, "lse_c": None, "error": message}}
+            tqdm.write(f"{name}: failed: {message}")
+        rows.update(new)
+        if out:
+            write_results(rows, out)
+        d, c = average(rows)
+        bar.set_description(f"Avg Confidence: {round(c, 3)}, Avg Minimum Dist: {round(d, 3)}")
+    return rows
 
 
 def report(rows: dict[str, dict], out: str | os.PathLike | None = None) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from checkpoints import safe_load
 from errors import UserError
 
 EMBED_DIM = 1024  # num_layers_in_fc_layers of the released syncnet_v2.model
@@ -101,10 +102,7 @@ def load_syncnet(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: SyncNet model not found; {GET_MODEL}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated downloads and foreign pickles surface as many exception types
-        raise UserError(f"{path}: cannot read it as a PyTorch state dict ({type(e).__name__}); {GET_MODEL}") from e
+    loaded = safe_load(path, GET_MODEL)  # weights only: a crafted pickle is refused, never run
     if not isinstance(loaded, Mapping):
         raise UserError(f"{path}: expected a raw state dict, found {type(loaded).__name__}; {GET_MODEL}")
     model = S()

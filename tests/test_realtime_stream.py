@@ -7,18 +7,21 @@ batches (`streaming.offline_layout`): the generator's round-off depends on the b
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import audio
-import lipsync
 import streaming
 from errors import UserError
 from hparams import hparams
-from tests.media import FakeDetector, speech, write_video, write_wav
+from tests import test_lipsync
+from tests.media import speech, write_video, write_wav
 
+sync = test_lipsync.sync  # the fixture: a LipSync with the fake detector, shared with that module
 SR = 16000
 BOX = (20, 110, 30, 120)  # top bottom left right, inside the 160x128 test frames
 CHUNKS_MS = (1, 20, 333)
@@ -43,11 +46,12 @@ def test_mel_stream_equals_the_whole_signal_for_any_chunking(seconds):
                  "random": rng.integers(1, 3000, len(wav))}  # fmt: skip
     if seconds < 0.5:
         chunkings["1"] = [1] * len(wav)  # one sample at a time
-    for name, sizes in chunkings.items():
-        stream = audio.MelStream(hparams)
-        parts = [stream.push(chunk) for chunk in chunked(wav, sizes)] + [stream.flush()]
+    for (name, sizes), blas_threads in itertools.product(chunkings.items(), (None, 1)):
+        with threadpool_limits(limits=blas_threads, user_api="blas"):  # realtime.py runs BLAS on one thread
+            stream = audio.MelStream(hparams)
+            parts = [stream.push(chunk) for chunk in chunked(wav, sizes)] + [stream.flush()]
         streamed = np.concatenate(parts, axis=1)
-        assert streamed.shape == whole.shape and np.array_equal(streamed, whole), name
+        assert streamed.shape == whole.shape and np.array_equal(streamed, whole), (name, blas_threads)
 
 
 def test_mel_stream_columns_come_out_with_the_stated_lookahead():
@@ -95,11 +99,6 @@ def test_silence_and_too_short_speech():
     assert short.feed(np.zeros(1000, np.float32)) == []
     with pytest.raises(UserError, match="too short"):
         short.end()
-
-
-@pytest.fixture(scope="module")
-def sync(wav2lip_checkpoint) -> lipsync.LipSync:
-    return lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
 
 
 @pytest.fixture(scope="module")

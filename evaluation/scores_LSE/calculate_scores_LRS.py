@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tqdm import tqdm
-
 from devices import select_device
 from errors import run_cli
 from evaluation import lse
@@ -32,15 +30,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def score_folder(model: S, videos: list[str], vshift: int, batch_size: int, lossless: bool) -> dict[str, dict]:
-    """Score each video, showing the running averages as the original's progress bar does."""
-    rows: dict[str, dict] = {}
-    bar = tqdm(videos)
-    for path in bar:
-        rows[Path(path).name] = lse.evaluate_video(model, path, vshift, batch_size, lossless).as_row()
-        d, c = lse.average(rows)
-        bar.set_description(f"Avg Confidence: {round(c, 3)}, Avg Minimum Dist: {round(d, 3)}")
-    return rows
+def score_folder(
+    model: S, videos: list[str], vshift: int, batch_size: int, lossless: bool, out: str | None = None
+) -> dict[str, dict]:
+    """Score each video (lse.score_all: an error row for a bad one, `out` rewritten after each, resumable),
+    showing the running averages as the original's progress bar does."""
+
+    def score(path: str) -> dict[str, dict]:
+        return {Path(path).name: lse.evaluate_video(model, path, vshift, batch_size, lossless).as_row()}
+
+    return lse.score_all(videos, score, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         lse.check_results_path(args.out)
     load = syncnet_loader(args.backend, args.onnx_path, args.cache_dir)
     model = load(args.initial_model, select_device(args.device))
-    rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless)
+    rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless, args.out)
     lse.report(rows, args.out)
 
 

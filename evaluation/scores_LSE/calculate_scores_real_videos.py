@@ -58,11 +58,13 @@ def score_videos(
     vshift: int,
     batch_size: int,
     lossless: bool,
+    out: str | None = None,
 ) -> dict[str, dict]:
-    """Rows keyed `<video>/track<k>`; a video without a usable track gets one row saying so."""
-    rows: dict[str, dict] = {}
-    for path in tqdm(videos):
-        name = Path(path).name
+    """Rows keyed `<video>/track<k>`; a video without a usable track gets one row saying so, one that
+    fails an error row (lse.score_all: `out` rewritten after each video, a restart skips scored ones)."""
+
+    def score(path: str) -> dict[str, dict]:
+        name, rows = Path(path).name, {}
         results = tracking.score_real_video(model, path, detector, opts, vshift, batch_size, lossless)
         if not results:
             rows[name] = {"offset": None, "lse_d": None, "lse_c": None, "note": NO_TRACK}
@@ -74,7 +76,9 @@ def score_videos(
                 "end": int(clip.frames[-1]),
             }
             tqdm.write(f"{r.lse_d} {r.lse_c}")
-    return rows
+        return rows
+
+    return lse.score_all(videos, score, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = tracking.PipelineOptions(
         args.facedet_scale, args.crop_scale, args.min_track, args.num_failed_det, args.min_face_size
     )
-    rows = score_videos(model, videos, detector, opts, args.vshift, args.batch_size, args.lossless)
+    rows = score_videos(model, videos, detector, opts, args.vshift, args.batch_size, args.lossless, args.out)
     lse.report(rows, args.out)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoints import safe_load
 from errors import UserError
 
 from .bbox import decode, nms
@@ -92,12 +93,7 @@ def read_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """The raw state dict of a face-detector file, or a one-line UserError naming it."""
     if not os.path.isfile(path):
         raise UserError(missing_message(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch reports damage as any of a dozen exception types
-        raise UserError(
-            f"{path}: cannot read it as a PyTorch state dict ({type(e).__name__}); {URL} has sfd_face.pth"
-        ) from None
+    state = safe_load(path, f"{URL} has sfd_face.pth")  # weights only: a crafted pickle is refused
     if not isinstance(state, Mapping):
         raise UserError(f"{path}: not a state dict (a {type(state).__name__}); {URL} has sfd_face.pth")
     return state

@@ -1,0 +1,328 @@
+"""realtime.py's server mode: the live avatar over WebRTC (aiortc), its page and a small HTTP API (aiohttp).
+
+    GET  /           the page (web/avatar.html): the avatar, talk (microphone), say a file, interrupt, figures
+    POST /offer      {"sdp": ..., "type": "offer"} → {"sdp": ..., "type": "answer", "session": ID}
+    POST /speak      an audio file (any format FFmpeg reads; raw body or multipart) for every session, or
+                     the one named by ?session=ID, to say; it interrupts what that avatar was saying
+    POST /interrupt  drop queued speech at once, back to idle (every session, or ?session=ID)
+    GET  /health     {"sessions": [{id, state, fps, generated_fps, dropped, latency_ms}, ...], ...}
+
+Each connection is a `Peer`: a `live.LiveSession` (its speech, queue and clock), a video track that shows
+the session's frame at each tick, an audio track playing the speech delayed to match, and, if the client
+sends one, its microphone fed into the session. All sessions share one model through one `live.Engine`,
+which batches their frames together. Bad input is answered with a 4xx and one line of JSON; a client that
+goes away is closed and forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+import audio
+from errors import UserError
+from live import Engine, LiveSession
+from streaming import Avatar, prepare_avatar
+
+PAGE = Path(__file__).resolve().parent / "web" / "avatar.html"
+VIDEO_CLOCK = 90_000  # RTP's video clock rate
+AUDIO_FRAME_S = 0.02  # 20 ms audio frames, as WebRTC sends them
+MAX_UPLOAD = 50 << 20  # bytes of audio one /speak may send
+DEFAULT_MAX_SESSIONS = 8
+CONNECT_TIMEOUT_S = 30.0  # a peer that has not connected by then is closed
+
+
+class AvatarVideo(MediaStreamTrack):
+    """The session's frames, one per tick of its clock, paced in real time."""
+
+    kind = "video"
+
+    def __init__(self, session: LiveSession) -> None:
+        super().__init__()
+        self.session = session
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        session = self.session
+        wait = session.display_time(session.tick) - session.engine.clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        else:
+            session.skip_to(session.engine.clock())  # late: a viewer that stalled is not shown the past
+        tick = session.tick
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(session.next_frame()), format="bgr24")
+        frame.pts, frame.time_base = round(tick * VIDEO_CLOCK / session.fps), fractions.Fraction(1, VIDEO_CLOCK)
+        return frame
+
+
+class DelayedSpeech(MediaStreamTrack):
+    """The speech the session says, on the session's timeline (delayed as its frames are): 20 ms frames."""
+
+    kind = "audio"
+
+    def __init__(self, session: LiveSession) -> None:
+        super().__init__()
+        self.session = session
+        self.rate = session.avatar.hp.sample_rate
+        self.samples = round(AUDIO_FRAME_S * self.rate)
+        self.position: int | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        session, clock = self.session, self.session.engine.clock
+        if self.position is None:  # start on the session's timeline, now
+            self.position = max(0, round((clock() - session.start) * self.rate))
+        else:
+            self.position += self.samples
+            wait = session.start + self.position / self.rate - clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        pcm = np.clip(session.audio_out.read(self.position, self.samples) * 32767, -32768, 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.position, fractions.Fraction(1, self.rate)
+        return frame
+
+
+class Peer:
+    """One connection: its session, its peer connection and the tasks feeding it (microphone, a file)."""
+
+    def __init__(self, server: AvatarServer) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.server = server
+        self.session = LiveSession(server.avatar, server.engine, name=self.id, **server.session_options)
+        self.pc = RTCPeerConnection()
+        self.tasks: set[asyncio.Task] = set()
+        self.speaking: asyncio.Task | None = None
+        self.closed = False
+
+    def spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def listen(self, track: MediaStreamTrack) -> None:
+        """The client's microphone into the session (while no file is being said)."""
+        rate = self.session.avatar.hp.sample_rate
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                for mono in resampler.resample(frame):
+                    if self.speaking is None or self.speaking.done():
+                        self.session.feed(mono.to_ndarray().reshape(-1))
+
+    def say(self, wav: np.ndarray) -> None:
+        """Say `wav` (16 kHz mono): what was being said is interrupted; fed at the pace it is spoken."""
+        self.interrupt()
+        self.speaking = self.spawn(self._feed(wav))
+
+    async def _feed(self, wav: np.ndarray) -> None:
+        rate = self.session.avatar.hp.sample_rate
+        chunk = round(AUDIO_FRAME_S * rate)
+        started = time.monotonic()
+        for i in range(0, len(wav), chunk):
+            self.session.feed(wav[i : i + chunk])
+            await asyncio.sleep(max(0.0, started + (i + chunk) / rate - time.monotonic()))
+        self.session.end()
+
+    def interrupt(self) -> None:
+        if self.speaking is not None:
+            self.speaking.cancel()
+            self.speaking = None
+        self.session.interrupt()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.peers.pop(self.id, None)
+        for task in list(self.tasks):
+            task.cancel()
+        self.session.close()
+        await self.pc.close()
+
+    def figures(self) -> dict:
+        stats, elapsed = self.session.stats, max(1e-6, self.session.engine.clock() - self.session.start)
+        shown = stats.generated + stats.dropped + stats.idle
+        latency = np.array(stats.latencies) * 1000 if stats.latencies else np.zeros(1)
+        return {
+            "id": self.id, "state": self.pc.connectionState, "fps": round(shown / elapsed, 1),
+            "generated_fps": round(stats.generated / elapsed, 1), "generated": stats.generated,
+            "dropped": stats.dropped, "speaking": self.speaking is not None and not self.speaking.done(),
+            "latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
+                           "p95": round(float(np.percentile(latency, 95)), 1)},
+        }  # fmt: skip
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class AvatarServer:
+    """The aiohttp application: one avatar and one engine for every peer."""
+
+    def __init__(self, avatar: Avatar, engine: Engine, session_options: dict,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:  # fmt: skip
+        self.avatar, self.engine, self.session_options = avatar, engine, session_options
+        self.max_sessions = max_sessions
+        self.peers: dict[str, Peer] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_UPLOAD)
+        app.add_routes([web.get("/", self.page), web.post("/offer", self.offer), web.post("/speak", self.speak),
+                        web.post("/interrupt", self.interrupt), web.get("/health", self.health)])  # fmt: skip
+        app.on_shutdown.append(self.shutdown)
+        return app
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.FileResponse(PAGE)
+
+    async def offer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            description = RTCSessionDescription(sdp=body["sdp"], type=body["type"])
+            if body["type"] != "offer" or not isinstance(body["sdp"], str):
+                raise ValueError("type must be offer")
+        except (ValueError, KeyError, TypeError) as e:
+            return error(400, f'expected JSON {{"sdp": ..., "type": "offer"}} ({e})')
+        if len(self.peers) >= self.max_sessions:
+            return error(503, f"the server is full: {self.max_sessions} sessions (--max_sessions)")
+        peer = Peer(self)
+        self.peers[peer.id] = peer
+        try:
+            return web.json_response(await self._answer(peer, description))
+        except Exception as e:  # noqa: BLE001 - aiortc rejects a bad SDP with assorted errors; the peer goes
+            await peer.close()
+            return error(400, f"the offer could not be answered: {e}")
+
+    async def _answer(self, peer: Peer, description: RTCSessionDescription) -> dict:
+        pc = peer.pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                peer.spawn(peer.listen(track))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed", "disconnected"):
+                await peer.close()
+
+        await pc.setRemoteDescription(description)
+        pc.addTrack(AvatarVideo(peer.session))
+        pc.addTrack(DelayedSpeech(peer.session))
+        await pc.setLocalDescription(await pc.createAnswer())
+        peer.spawn(self._watch(peer))
+        return {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": peer.id}
+
+    async def _watch(self, peer: Peer) -> None:
+        """Close a peer that never connects (a client that sent an offer and vanished)."""
+        await asyncio.sleep(CONNECT_TIMEOUT_S)
+        if peer.pc.connectionState != "connected":
+            await peer.close()
+
+    def _targets(self, request: web.Request) -> list[Peer] | web.Response:
+        name = request.query.get("session")
+        if name is None:
+            return list(self.peers.values())
+        return [self.peers[name]] if name in self.peers else error(404, f"no session {name!r}")
+
+    async def speak(self, request: web.Request) -> web.Response:
+        targets = self._targets(request)
+        if isinstance(targets, web.Response):
+            return targets
+        data = await _upload(request)
+        if not data:
+            return error(400, "send an audio file as the body (or as a multipart file)")
+        try:
+            wav = await asyncio.get_running_loop().run_in_executor(None, _decode, data, self.avatar.hp)
+        except UserError as e:
+            return error(400, str(e))
+        for peer in targets:
+            peer.say(wav)
+        return web.json_response(
+            {"sessions": [p.id for p in targets], "seconds": len(wav) / self.avatar.hp.sample_rate}
+        )
+
+    async def interrupt(self, request: web.Request) -> web.Response:
+        targets = self._targets(request)
+        if isinstance(targets, web.Response):
+            return targets
+        for peer in targets:
+            peer.interrupt()
+        return web.json_response({"sessions": [p.id for p in targets]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        name = request.query.get("session")
+        peers = [p for p in self.peers.values() if name is None or p.id == name]
+        return web.json_response({
+            "sessions": [p.figures() for p in peers], "max_sessions": self.max_sessions,
+            "generator_ms_per_frame": round(self.engine.seconds_per_frame * 1000, 1), "memory_mb": memory_mb(),
+        })  # fmt: skip
+
+    async def shutdown(self, app: web.Application) -> None:
+        await asyncio.gather(*(peer.close() for peer in list(self.peers.values())))
+
+
+async def _upload(request: web.Request) -> bytes:
+    """The body, or the first file of a multipart body."""
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if getattr(part, "filename", None) is not None or part.name in ("file", "audio"):
+                return await part.read()
+        return b""
+    return await request.read()
+
+
+def _decode(data: bytes, hp) -> np.ndarray:
+    """Speech from an upload's bytes, or a `UserError` saying why it is not speech (at least 0.2 s)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "upload"
+        path.write_bytes(data)
+        wav, _ = audio.load_speech_wav(path, hp)
+    if 1 + len(wav) // hp.hop_length() < audio.MEL_STEP_SIZE:
+        raise UserError(f"the audio is too short: {len(wav) / hp.sample_rate:.3f} s, at least 0.2 s is needed")
+    return wav
+
+
+def memory_mb() -> float:
+    """This process's resident memory."""
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def build(sync, face: str, live: dict, options: dict, max_sessions: int = DEFAULT_MAX_SESSIONS) -> AvatarServer:
+    """The server's state: the avatar prepared once, the engine started."""
+    avatar = prepare_avatar(sync, face, **options)
+    engine = Engine(sync.generator, live.get("batch", 2), hp=sync.hp)
+    session_options = {k: live[k] for k in ("budget_ms", "idle", "silence_db") if k in live}
+    return AvatarServer(avatar, engine, session_options, max_sessions)
+
+
+def serve(sync, face: str, host: str, port: int, live: dict, options: dict,
+          max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:  # fmt: skip
+    """Run the server until Ctrl-C."""
+    server = build(sync, face, live, options, max_sessions)
+    print(f"avatar ready ({server.avatar.shape[1]}x{server.avatar.shape[0]}, {server.avatar.fps:g} fps): "
+          f"http://{host}:{port}/", file=sys.stderr)  # fmt: skip
+    try:
+        web.run_app(server.app(), host=host, port=port, print=None)
+    finally:
+        server.engine.close()
