@@ -49,7 +49,7 @@ MAX_AGE = 3600  # seconds Gradio keeps its copies of uploads and results (checke
 MAX_UPLOAD = "200mb"  # the largest upload Gradio accepts
 MODELS_KEPT = 2  # (checkpoint, device) pairs kept loaded, for colleagues comparing two checkpoints
 PAGE_ONLY = {"quiet", "cache_dir"}  # console output and a server-side folder: not the page's business
-MODEL_FIELDS = ("device", "fp16")  # the ModelOptions a job may choose (the checkpoint has its own control)
+MODEL_FIELDS = ("device", "fp16", "backend")  # the ModelOptions a job may choose (the checkpoint: its own control)
 STAGES = {"detect faces": "detecting faces", "lip-sync": "generating and encoding"}  # the pipeline's, for people
 PROGRESS = gr.Progress()  # Gradio recognises a progress parameter by this default; it reports per event
 RAW_COLOR, CROP_COLOR, MOUTH_COLOR = (0, 200, 255), (0, 255, 0), (255, 0, 255)  # BGR, drawn on the preview
@@ -147,14 +147,14 @@ class Models:
         self.loading = threading.Lock()
         self.locks: dict[str, threading.Lock] = {}
 
-    def lipsync(self, checkpoint_path: str, device: str = "auto", fp16: bool = False) -> LipSync:
-        path = Path(checkpoint_path).expanduser()
+    def lipsync(self, checkpoint: str, device: str = "auto", fp16: bool = False, backend: str = "torch") -> LipSync:
+        path = Path(checkpoint).expanduser()
         stamp = path.stat().st_mtime if path.is_file() else None  # a file replaced on disk is loaded again
-        key = (str(path.resolve()), stamp, device, fp16)
+        key = (str(path.resolve()), stamp, device, fp16, backend)
         with self.loading:
             if key not in self.loaded:
                 self.loaded[key] = LipSync(path, device, fp16=fp16, detector_path=self.detector_path,
-                                           detector=self.detector, quiet=True)  # fmt: skip
+                                           detector=self.detector, quiet=True, backend=backend)  # fmt: skip
                 while len(self.loaded) > MODELS_KEPT:
                     self.loaded.popitem(last=False)
             self.loaded.move_to_end(key)

@@ -127,16 +127,16 @@ def test_identify_every_architecture():
 def test_hostile_pickle_is_never_unpickled(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     path.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01cos\nsystem\nq\x02s.")
-    with pytest.raises(UserError, match=r"evil\.pth: cannot be read"):
+    with pytest.raises(UserError, match=r"evil\.pth: refused for safety: the file holds more than weights"):
         checkpoints.load_model(models.Wav2Lip(), path, "Wav2Lip")
     assert "warning" not in capsys.readouterr().err
 
 
-def test_numpy_objects_fall_back_with_a_warning(tmp_path, capsys):
-    sd = det_state_dict("SyncNet_color")
-    torch.save({"state_dict": sd, "extra": np.zeros(3)}, tmp_path / "np.pth")
-    assert same_weights(checkpoints.load_model(models.SyncNet_color(), tmp_path / "np.pth", "SyncNet_color"), sd)
-    assert "weights_only=True" in capsys.readouterr().err
+def test_python_objects_besides_weights_are_refused_not_unpickled(tmp_path, capsys):
+    """Issue 14: no fallback to full unpickling, even for numpy arrays (a crafted file looks the same)."""
+    torch.save({"state_dict": det_state_dict("SyncNet_color"), "extra": np.zeros(3)}, tmp_path / "np.pth")
+    with pytest.raises(UserError, match=r"np\.pth: refused for safety.*numpy"):
+        checkpoints.load_model(models.SyncNet_color(), tmp_path / "np.pth", "SyncNet_color")
 
 
 def test_mismatch_names_the_keys(tmp_path, wav2lip_weights):
