@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,23 +99,29 @@ def _convert(name: str, text: str, default: object) -> object:
         raise UserError(f"--hparams: '{name}={text}' is not a valid {kind}") from None
 
 
-def from_argument(text: str | None) -> HParams:
-    """The value of `--hparams`: `name=value,...`, or `@file` naming a file of such lines (# comments)."""
-    if text and text.startswith("@"):
-        path = Path(text[1:])
-        if not path.is_file():
-            raise UserError(f"{path}: --hparams config file not found")
-        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
-        text = ",".join(line for line in lines if line)
-    return hparams.parse(text)
+def from_argument(values: str | Sequence[str] | None) -> HParams:
+    """The values of `--hparams`, applied in the order given, later ones winning: each `name=value,...`, or
+    `@file` naming a file of such lines (# comments)."""
+    items = [values] if isinstance(values, str) else list(values or [])
+    return hparams.parse(",".join(filter(None, map(_expand, items))))
+
+
+def _expand(text: str) -> str:
+    if not text.startswith("@"):
+        return text
+    path = Path(text[1:])
+    if not path.is_file():
+        raise UserError(f"{path}: --hparams config file not found")
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return ",".join(line for line in lines if line)
 
 
 def add_hparams_argument(parser) -> None:
-    """The `--hparams` flag every script accepts."""
+    """The `--hparams` flag every script accepts; it may be given several times (a config file, then changes)."""
     parser.add_argument(
         "--hparams",
-        default="",
-        help='overrides of hparams.py: "batch_size=8,fps=30", or @file with one name=value a line',
+        action="append",
+        help='overrides of hparams.py: "batch_size=8,fps=30", or @file with one name=value a line; repeatable',
     )
 
 

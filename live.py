@@ -18,8 +18,8 @@ is kept for the audio track (`audio_out`), so sound and mouth stay in sync.
   evenly, instead of the stream falling behind.
 
 Per session: the mel state and a few samples (~10 kB), at most budget × fps queued windows and crops
-(~35 kB each), the generated faces awaiting their tick (27 kB each at 96×96), the delayed audio (~50 kB)
-and the last frame shown (one frame: 786 kB at 512×512).
+(~35 kB each), the generated faces awaiting their tick (27 kB each at 96×96), the delayed audio (under
+`AUDIO_KEPT_S`, 640 kB) and the last frame shown (786 kB at 512×512): about 1 MB at 512×512.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ DEFAULT_BUDGET_MS = 500
 DEFAULT_SILENCE_DB = -50.0  # RMS over a frame's 200 ms window, dB full scale: below it, a frame is silence
 LIVE_BATCH = 2  # frames per generator call: 2 costs ~15 % more CPU per frame than 16, but half the wait of 4
 BATCH_SHARE_OF_BUDGET = 0.5  # a generator call may take up to half the latency budget (the rest: waiting)
+AUDIO_KEPT_S = 10.0  # delayed speech kept for the audio track; older samples go, read or not
 LATENCIES_KEPT = 20_000  # per session, for the percentiles (13 minutes at 25 fps)
 Clock = Callable[[], float]
 
@@ -376,7 +377,10 @@ class DelayedAudio:
         self.lock = threading.Lock()
 
     def write(self, position: int, samples: np.ndarray) -> None:
+        """Place `samples` at `position`; what lies more than `AUDIO_KEPT_S` before them goes (no reader)."""
+        oldest = position - round(AUDIO_KEPT_S * self.sample_rate)
         with self.lock:
+            self.chunks = [(p, s) for p, s in self.chunks if p + len(s) > oldest]
             bisect.insort(self.chunks, (position, samples), key=lambda c: c[0])
 
     def read(self, position: int, n: int) -> np.ndarray:

@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     from live import single_threaded_blas
 
     single_threaded_blas()
-    sync = LipSync(args.checkpoint_path, args.device, fp16=args.fp16, detector_path=args.detector_path,
-                   hp=from_argument(args.hparams), quiet=args.quiet)  # fmt: skip
+    model = {k: v for k, v in from_namespace(ModelOptions, args).items() if k != "checkpoint_path"}
+    sync = LipSync(args.checkpoint_path, hp=from_argument(args.hparams), quiet=args.quiet, cache_dir=args.cache_dir,
+                   **model)  # fmt: skip
     live = {"budget_ms": args.latency_budget_ms, "idle": args.idle, "silence_db": args.silence_db,
             "batch": args.live_batch}  # fmt: skip
     options = from_namespace(Options, args)

@@ -65,3 +65,14 @@ def test_config_file_and_every_script_takes_hparams(tmp_path, repo):
          "--hparams", "fpss=30"], capture_output=True, text=True, cwd=repo,
     )  # fmt: skip
     assert out.returncode == 2 and "unknown hyperparameter 'fpss'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hparams_flag_repeats_in_order(tmp_path):
+    import inference
+
+    cfg = tmp_path / "tiny.txt"
+    cfg.write_text("batch_size=2\nfps=30\n")
+    argv = ["--checkpoint_path", "c", "--face", "f", "--audio", "a", "--hparams", f"@{cfg}", "--hparams", "fps=20"]
+    hp = from_argument(inference.build_parser().parse_args(argv).hparams)
+    assert (hp.batch_size, hp.fps) == (2, 20)  # the file's batch size kept, its fps overridden by the later flag
+    assert from_argument(None) == from_argument([]) == from_argument("")

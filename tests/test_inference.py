@@ -154,3 +154,51 @@ def test_audio_track_of_video_is_muxed(media, wav2lip_checkpoint, tmp_path):
     summary = lipsync.lipsync(media["video"], media["speech"], wav2lip_checkpoint, out, device="cpu", box=[20, 100, 30, 120],
                               quiet=True)  # fmt: skip
     assert summary.frames == 10 and read_output(out)[0][0].dtype == np.uint8
+
+
+def test_two_runs_writing_one_outfile_leave_one_whole_video(media, wav2lip_checkpoint, tmp_path):
+    """Two `inference.py` processes at once, one `--outfile`: both succeed, the file is one whole video."""
+    out = tmp_path / "shared" / "out.mp4"
+    cmd = [sys.executable, str(REPO / "inference.py"), "--checkpoint_path", str(wav2lip_checkpoint), "--face",
+           str(media["video"]), "--audio", str(media["speech"]), "--outfile", str(out), *BOX, "--quiet"]  # fmt: skip
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    frames, seconds_v, seconds_a, _ = read_output(out)
+    assert len(frames) == 10 and seconds_v == pytest.approx(0.4) and seconds_a == pytest.approx(0.4, abs=0.03)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.mp4"]  # no temporary file left behind
+
+
+def test_runs_sharing_a_cache_dir_never_read_a_torn_entry(media, wav2lip_checkpoint, tmp_path):
+    """Two pipelines fill one `--cache_dir` at once while a reader keeps parsing every entry it sees."""
+    import json
+    import threading
+
+    cache = tmp_path / "cache"
+    syncs = [lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True) for _ in range(2)]
+    done, torn, seen = threading.Event(), [], set()
+
+    def read_entries() -> None:
+        while not done.is_set():
+            for entry in cache.glob("*.json") if cache.is_dir() else []:
+                seen.add(entry.name)
+                try:
+                    json.loads(entry.read_text())
+                except (ValueError, FileNotFoundError) as e:
+                    torn.append(f"{entry.name}: {e}")
+
+    reader = threading.Thread(target=read_entries)
+    reader.start()
+    try:
+        runs = [threading.Thread(target=sync, args=(media["video"], media["speech"], tmp_path / f"{i}.mp4"),
+                                 kwargs={"cache_dir": cache, "quiet": True}) for i, sync in enumerate(syncs)]  # fmt: skip
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    finally:
+        done.set()
+        reader.join()
+    assert not torn and len(seen) == 1  # one entry (both runs share its key), always whole when read
+    assert [p.name for p in cache.iterdir()] == list(seen)  # and no temporary file left
+    assert all((tmp_path / f"{i}.mp4").is_file() for i in range(2))

@@ -29,7 +29,7 @@ from tests.media import speech, write_video
 sync = test_lipsync.sync  # the fixture: a LipSync with the fake detector, shared with that module
 BOX = (20, 110, 30, 120)  # top bottom left right
 MOUTH = (slice(70, 106), slice(35, 115))  # rows, columns: the lower half of the box, where the generator draws
-BUDGET_MS = 4000  # generous: the test is about what arrives, on 2 busy cores
+BUDGET_MS = 3000  # generous: the test is about what arrives, on 2 busy cores
 
 
 def free_port() -> int:

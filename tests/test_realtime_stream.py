@@ -15,11 +15,12 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import audio
+import lipsync
 import streaming
 from errors import UserError
 from hparams import hparams
 from tests import test_lipsync
-from tests.media import speech, write_video, write_wav
+from tests.media import FakeDetector, speech, write_video, write_wav
 
 sync = test_lipsync.sync  # the fixture: a LipSync with the fake detector, shared with that module
 SR = 16000
@@ -154,3 +155,12 @@ def test_streamed_frames_come_as_soon_as_their_window_is_complete(sync, media):
         seen += len(stream.feed(wav[n - 320 : n], wait=True))
         assert seen == max(0, int(((n / SR - streaming.LOOKAHEAD_S) * 25) // 1) + 1), n
     assert seen + len(stream.end()) == 15
+
+
+def test_a_second_start_reads_the_boxes_from_the_cache(wav2lip_checkpoint, media, tmp_path):
+    detector = FakeDetector()
+    cached = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
+    first = streaming.prepare_avatar(cached, media["video"], cache_dir=tmp_path, quiet=True)
+    seen = detector.frames_seen
+    again = streaming.prepare_avatar(cached, media["video"], cache_dir=tmp_path, quiet=True)
+    assert seen == 9 and detector.frames_seen == seen and again.boxes == first.boxes
