@@ -9,6 +9,7 @@ offset is the shift at the minimum.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -174,6 +175,16 @@ def average(rows: dict[str, dict]) -> tuple[float, float]:
         float(np.mean([r["lse_d"] for r in scored])),
         float(np.mean([r["lse_c"] for r in scored])),
     )
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
+    """The flags both LSE scripts share; `rows` says what a result row is (a video, a face track)."""
+    parser.add_argument("--initial_model", default="data/syncnet_v2.model", help="syncnet_python's syncnet_v2.model")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per forward pass")
+    parser.add_argument("--vshift", type=int, default=DEFAULT_VSHIFT, help="audio shifts searched each way")
+    parser.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
+    parser.add_argument("--out", help=f"write per-{rows} scores to this .json or .csv file")
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
 
 
 def check_results_path(out: str | os.PathLike) -> None:

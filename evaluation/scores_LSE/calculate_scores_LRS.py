@@ -20,12 +20,7 @@ from onnx_backend import add_syncnet_arguments, syncnet_loader
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LSE-D and LSE-C of the .mp4 videos in a folder (SyncNet)")
     p.add_argument("--data_root", required=True, help="folder with the generated .mp4 videos")
-    p.add_argument("--initial_model", default="data/syncnet_v2.model", help="syncnet_python's syncnet_v2.model")
-    p.add_argument("--batch_size", type=int, default=lse.DEFAULT_BATCH_SIZE, help="windows per forward pass")
-    p.add_argument("--vshift", type=int, default=lse.DEFAULT_VSHIFT, help="audio shifts searched each way")
-    p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
-    p.add_argument("--out", help="write per-video scores to this .json or .csv file")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
+    lse.add_scoring_arguments(p, "video")
     add_syncnet_arguments(p)
     return p.parse_args(argv)
 

@@ -29,23 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data_root", help="folder of .mp4 videos")
     src.add_argument("--videofile", help="one video")
-    p.add_argument("--initial_model", default="data/syncnet_v2.model", help="syncnet_python's syncnet_v2.model")
     p.add_argument(
         "--facedet_model",
         default=None,
         help="syncnet_python's sfd_face.pth (its own S3FD, every face above 0.9) or Wav2Lip's s3fd.pth "
         "(default: face_detection/detection/sfd/s3fd.pth, best face per frame)",
     )
-    p.add_argument("--batch_size", type=int, default=lse.DEFAULT_BATCH_SIZE)
-    p.add_argument("--vshift", type=int, default=lse.DEFAULT_VSHIFT)
+    lse.add_scoring_arguments(p, "track")
     p.add_argument("--facedet_scale", type=float, default=tracking.FACEDET_SCALE)
     p.add_argument("--crop_scale", type=float, default=tracking.CROP_SCALE)
     p.add_argument("--min_track", type=int, default=tracking.MIN_TRACK)
     p.add_argument("--num_failed_det", type=int, default=tracking.NUM_FAILED_DET)
     p.add_argument("--min_face_size", type=int, default=tracking.MIN_FACE_SIZE)
-    p.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the crops")
-    p.add_argument("--out", help="write per-track scores to this .json or .csv file")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
     add_syncnet_arguments(p)
     return p.parse_args(argv)
 
