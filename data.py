@@ -236,6 +236,7 @@ class LRS2Windows(Dataset):
         folders = read_filelist(data_root, split, filelists_dir) if folders is None else folders
         self.videos: list[Video] = []
         self.bad: set[Path] = set()  # videos with an unreadable file, reported once and then skipped
+        unusable: list[Path] = []  # readable videos too short to give a window
         for folder in folders:
             try:
                 video = scan_video(folder, hp, self.segmented)
@@ -244,7 +245,12 @@ class LRS2Windows(Dataset):
                 continue
             if video is not None and len(video.starts):
                 self.videos.append(video)
+            else:
+                unusable.append(folder)
         self.offsets = np.cumsum([0] + [len(v.starts) for v in self.videos])
+        if unusable and len(self):  # with nothing usable at all, the error below says it
+            print(f"warning: {len(unusable)} of the {len(folders)} videos in {self.filelist} have no usable window "
+                  f"(too few face crops, or audio.wav too short), e.g. {unusable[0]}: skipped", file=sys.stderr)  # fmt: skip
         if len(self) == 0:
             raise UserError(
                 f"{self.filelist}: no usable window in its {len(folders)} videos under {data_root} (a video needs "

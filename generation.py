@@ -33,7 +33,7 @@ GPU_BATCH_SIZE = 128  # the original's --wav2lip_batch_size
 CPU_BATCH_SIZE = 16  # on a CPU, smaller activation buffers are faster (cache, page faults): 16 vs 128 ≈ 1.8x
 CPU_FINE_CHUNK = 4  # frames at a time through the generator's finest stages on a CPU (cache-sized)
 CPU_WORKERS_MAX = 4  # generator batches run side by side on a CPU, each on its share of the cores
-BATCHES_BESIDE_WORKERS = 4  # in flight besides the workers': being cropped, queued, awaiting order, being pasted
+BATCHES_BESIDE_WORKERS = 3  # in flight besides the workers': being cropped, queued, being pasted and encoded
 
 
 @dataclass

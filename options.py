@@ -62,7 +62,7 @@ class Options:
         "paste", "paste the generated face (original) or feather its lower half into the frame", choices=BLEND_CHOICES
     )
     memory_budget: int = option(
-        512, "MiB of decoded frames in flight between the stages; batches shrink to fit it on huge frames (4K)"
+        384, "MiB of decoded frames in flight between the stages; batches shrink to fit it on huge frames (4K)"
     )
     quiet: bool = option(False, "no progress bars and no summary")
 

@@ -40,6 +40,11 @@ VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"  # what every player decodes; needs even width and height
 DEFAULT_CRF = "18"  # visually lossless for x264; the original's final ffmpeg call used x264's default, 23
 DEFAULT_PRESET = "veryfast"  # x264 at `medium` costs as much CPU as the generator on small frames
+# Above 4 megapixels (beyond 1080p: 4K, large stills) x264's look-ahead and B-frames hold ~25 frames of its
+# own: 1.2 GB at 3840x3840. A 2-frame look-ahead without B-frames holds a third of that, for a larger file
+# at the same quality (crf).
+LARGE_FRAME_PIXELS = 4_000_000
+LOW_MEMORY_X264 = "rc-lookahead=2:sync-lookahead=0:bframes=0"
 AUDIO_CODEC = "aac"
 AAC_FRAME_SIZE = 1024  # samples per AAC frame; the encoder garbles frames of any other size
 AAC_RATES = frozenset(av.codec.Codec(AUDIO_CODEC, "w").audio_rates)
@@ -207,7 +212,10 @@ def _decode(path: str) -> Iterator[tuple[Fraction | None, Fraction, np.ndarray]]
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame threads: decoding overlaps the rest of the pipeline
+            # frame threads overlap decoding with the rest of the pipeline; each holds frames of its own, so
+            # above LARGE_FRAME_PIXELS (where one frame is tens of MB) slices of one frame are decoded in parallel
+            large = stream.codec_context.width * stream.codec_context.height > LARGE_FRAME_PIXELS
+            stream.thread_type = "SLICE" if large else "AUTO"
             nominal = 1 / _stream_fps(stream)
             for frame, orientation in with_orientation(container.decode(stream)):
                 time = Fraction(frame.pts) * stream.time_base if frame.pts is not None else None
@@ -282,6 +290,8 @@ class VideoWriter:
             self.video.width, self.video.height, self.video.pix_fmt = self.width, self.height, PIX_FMT
             self.video.codec_context.time_base = 1 / self.rate
             self.video.options = {"crf": crf, "preset": preset}
+            if self.width * self.height > LARGE_FRAME_PIXELS:
+                self.video.options |= {"x264-params": LOW_MEMORY_X264}
             self.audio_frames = _aac_frames(audio_path, audio_gain) if audio_path is not None else None
             self.audio = None
             if self.audio_frames is not None:

@@ -27,6 +27,7 @@ import torch
 import video
 from audio import save_wav
 from bench.inference_speed import synthetic_clip
+from options import Options
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def run_case(face: Path, seconds: float, tmp: Path, checkpoint: Path, args: argp
     if args.memory_budget:
         cmd += ["--memory_budget", str(args.memory_budget)]
     peak = peak_rss_mib(cmd)
-    budget = args.memory_budget or 512
+    budget = args.memory_budget or Options().memory_budget
     print(f"{face.name} ({info.width}x{info.height}), {seconds:g} s of speech: peak RSS {peak:7.0f} MiB "
           f"(memory budget {budget} MiB)", flush=True)  # fmt: skip
     return peak
