@@ -40,10 +40,11 @@ VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"  # what every player decodes; needs even width and height
 DEFAULT_CRF = "18"  # visually lossless for x264; the original's final ffmpeg call used x264's default, 23
 DEFAULT_PRESET = "veryfast"  # x264 at `medium` costs as much CPU as the generator on small frames
-# Above 4 megapixels (beyond 1080p: 4K, large stills) x264's look-ahead and B-frames hold ~25 frames of its
-# own: 1.2 GB at 3840x3840. A 2-frame look-ahead without B-frames holds a third of that, for a larger file
-# at the same quality (crf).
+# Above 4 megapixels (beyond 1080p: 4K, large stills) x264's look-ahead, B-frames and sub-pixel planes hold
+# ~25 frames of its own: 1.2 GB at 3840x3840. The ultrafast preset with a 2-frame look-ahead and no B-frames
+# holds a third of that (and encodes faster), for a larger file at the same quality (crf).
 LARGE_FRAME_PIXELS = 4_000_000
+LOW_MEMORY_PRESET = "ultrafast"
 LOW_MEMORY_X264 = "rc-lookahead=2:sync-lookahead=0:bframes=0"
 AUDIO_CODEC = "aac"
 AAC_FRAME_SIZE = 1024  # samples per AAC frame; the encoder garbles frames of any other size
@@ -291,7 +292,7 @@ class VideoWriter:
             self.video.codec_context.time_base = 1 / self.rate
             self.video.options = {"crf": crf, "preset": preset}
             if self.width * self.height > LARGE_FRAME_PIXELS:
-                self.video.options |= {"x264-params": LOW_MEMORY_X264}
+                self.video.options |= {"preset": LOW_MEMORY_PRESET, "x264-params": LOW_MEMORY_X264}
             self.audio_frames = _aac_frames(audio_path, audio_gain) if audio_path is not None else None
             self.audio = None
             if self.audio_frames is not None:
