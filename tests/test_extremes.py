@@ -102,3 +102,14 @@ def test_loud_audio_is_normalised_with_a_warning(sync, tmp_path, capsys):
     with av.open(str(out)) as c:
         decoded = np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=1)
     assert 0.8 < np.abs(decoded).max() <= 1.05  # the muxed speech was scaled too, not clipped at 1.6
+
+
+def test_huge_frames_are_encoded_with_little_memory(tmp_path):
+    """Above 4 MP x264 keeps a 2-frame look-ahead and no B-frames; 1080p keeps the default settings."""
+    with video.VideoWriter(tmp_path / "big.mp4", 25, 2048, 2048) as big:
+        assert big.video.options["preset"] == "ultrafast" and "bframes=0" in big.video.options["x264-params"]
+        big.write(np.zeros((2048, 2048, 3), np.uint8))  # the encoder opens (and takes the options) here
+    with video.VideoWriter(tmp_path / "hd.mp4", 25, 1920, 1080) as hd:
+        assert hd.video.options == {"crf": video.DEFAULT_CRF, "preset": video.DEFAULT_PRESET}
+        hd.write(np.zeros((1080, 1920, 3), np.uint8))
+    assert len(read_output(tmp_path / "big.mp4")[0]) == 1
