@@ -112,4 +112,5 @@ def test_huge_frames_are_encoded_with_little_memory(tmp_path):
     with video.VideoWriter(tmp_path / "hd.mp4", 25, 1920, 1080) as hd:
         assert hd.video.options == {"crf": video.DEFAULT_CRF, "preset": video.DEFAULT_PRESET}
         hd.write(np.zeros((1080, 1920, 3), np.uint8))
-    assert len(read_output(tmp_path / "big.mp4")[0]) == 1
+    with av.open(str(tmp_path / "big.mp4")) as c:
+        assert [f.width for f in c.decode(video=0)] == [2048]
