@@ -86,6 +86,8 @@ def _script_args(script: str, evil: Path, tmp: Path) -> tuple[object, list[str]]
     """The script's main and arguments that hand it the hostile file where it reads weights."""
     import export_onnx
     import inference
+    import realtime
+    from evaluation import gen_videos_from_filelist
     from evaluation.scores_LSE import calculate_scores_LRS, calculate_scores_real_videos
 
     videos = tmp / "videos"
@@ -105,12 +107,27 @@ def _script_args(script: str, evil: Path, tmp: Path) -> tuple[object, list[str]]
         "lse-real": (calculate_scores_real_videos.main, ["--data_root", videos, "--facedet_model", evil]),
         "preprocess": (preprocess.main, ["--data_root", videos.parent, "--pattern", "videos/*.mp4",
                                          "--preprocessed_root", tmp / "pre", "--detector_path", evil]),
+        "realtime": (realtime.main, ["--checkpoint_path", evil, "--face", face, "--audio", speech,
+                                     "--outfile", tmp / "r.mp4", "--pace", "fast"]),
+        "gen_videos": (gen_videos_from_filelist.main, ["--filelist", filelist(tmp, face, speech), "--data_root", "/",
+                                                      "--results_dir", tmp / "res", "--checkpoint_path", evil]),
     }[script]  # fmt: skip
 
 
+def filelist(tmp: Path, face: Path, speech: Path) -> Path:
+    """A one-line test filelist (paths without .mp4, under --data_root /) pairing `speech`'s clip with `face`."""
+    clip = tmp / "speech_clip.mp4"
+    write_video(clip, 10, audio=speech)
+    path = tmp / "test.txt"
+    path.write_text(f"{str(clip)[1:-4]} {str(face)[1:-4]}\n")
+    return path
+
+
 @pytest.mark.parametrize(
-    "script", ["inference", "export_onnx", "expert", "generator", "generator-expert", "lse", "lse-real", "preprocess"]
-)
+    "script",
+    ["inference", "export_onnx", "expert", "generator", "generator-expert", "lse", "lse-real", "preprocess", "realtime",
+     "gen_videos"],
+)  # fmt: skip
 def test_pickle_bomb_is_refused_and_never_runs(script, evil, synth, tmp_path, monkeypatch):
     path, marker = evil
     main, argv = _script_args(script, path, tmp_path)
