@@ -20,6 +20,7 @@ R = TypeVar("R")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap for the next batch
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's default for both thresholds
 
 
 def mps_available() -> bool:
@@ -126,9 +127,19 @@ def tune_cpu_allocator() -> None:
     threshold to glibc's ceiling (32 MiB, above any activation of a 16-frame batch) and the trim threshold
     lets the heap reuse them. Process-wide, idempotent, and a no-op off glibc.
     """
+    _set_malloc_thresholds(MMAP_THRESHOLD_MAX, TRIM_THRESHOLD)
+
+
+def default_cpu_allocator() -> None:
+    """glibc's own thresholds again: for a process that lives for days with work coming and going (the
+    realtime server), where a heap that keeps 1 GiB of freed memory only grows."""
+    _set_malloc_thresholds(GLIBC_DEFAULT_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+
+
+def _set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fractions
 import os
 import sys
@@ -34,6 +33,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 import audio
+from devices import default_cpu_allocator
 from errors import UserError
 from live import Engine, LiveSession
 from streaming import Avatar, prepare_avatar
@@ -44,8 +44,6 @@ AUDIO_FRAME_S = 0.02  # 20 ms audio frames, as WebRTC sends them
 MAX_UPLOAD = 50 << 20  # bytes of audio one /speak may send
 DEFAULT_MAX_SESSIONS = 8
 CONNECT_TIMEOUT_S = 30.0  # a peer that has not connected by then is closed
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-GLIBC_THRESHOLD = 128 * 1024  # glibc's default for both
 
 
 class AvatarVideo(MediaStreamTrack):
@@ -308,20 +306,6 @@ def _decode(data: bytes, hp) -> np.ndarray:
     return wav
 
 
-def default_allocator() -> None:
-    """glibc's own malloc thresholds again, for a server that lives for days with sessions coming and going.
-
-    `lipsync.LipSync` tunes the allocator for one long run (`devices.tune_cpu_allocator`: up to 1 GiB of freed
-    heap kept, buffers up to 32 MiB served from the heap); with each session's frames then carved from the
-    heap too, its memory crept up by ~40 MB per 8 sessions of 512x512 opened and closed. With glibc's
-    thresholds it comes back to within a few MB (tests/test_realtime_server.py holds it to 10 %).
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_THRESHOLD)
-
-
 def memory_mb() -> float:
     """This process's resident memory."""
     with open("/proc/self/statm") as f:
@@ -330,7 +314,7 @@ def memory_mb() -> float:
 
 def build(sync, face: str, live: dict, options: dict, max_sessions: int = DEFAULT_MAX_SESSIONS) -> AvatarServer:
     """The server's state: the avatar prepared once, the engine started."""
-    default_allocator()
+    default_cpu_allocator()  # lipsync.LipSync tuned it for one long run; sessions come and go for days
     avatar = prepare_avatar(sync, face, **options)
     engine = Engine(sync.generator, live.get("batch", 2), hp=sync.hp)
     session_options = {k: live[k] for k in ("budget_ms", "idle", "silence_db") if k in live}
