@@ -33,6 +33,7 @@ from tools.make_synthetic_lrs2 import make_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_WRITE = 0.4  # seconds a checkpoint write stays half-written in the child
+CHECKPOINT_PARTIAL = ".checkpoint_step*.partial-*"  # not run_options.txt's, which is written in a blink
 FORK = multiprocessing.get_context("fork")
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
@@ -72,7 +73,7 @@ def kill_at(p: multiprocessing.Process, folder: Path, moment: float | str, timeo
     """SIGKILL `p` after `moment` seconds, or (moment "write") while a checkpoint is half-written."""
     if moment == "write":
         deadline = time.time() + timeout
-        while not list(folder.glob(".*partial*")) and p.is_alive() and time.time() < deadline:
+        while not list(folder.glob(CHECKPOINT_PARTIAL)) and p.is_alive() and time.time() < deadline:
             time.sleep(0.005)
         time.sleep(SLOW_WRITE / 4)
     else:
@@ -100,7 +101,7 @@ def kill_and_resume(main: Callable, argv: list, folder: Path, moments: list, arc
             assert p.exitcode == 0
             break
         kill_at(p, folder, moment)
-        killed_during_write += bool(list(folder.glob(".*partial*")))
+        killed_during_write += bool(list(folder.glob(CHECKPOINT_PARTIAL)))
         every_checkpoint_is_whole(folder, arch, model)
     assert killed_during_write >= 1, "no kill landed in a checkpoint write"
     assert not list(folder.glob(".*partial*")), "a partial file was left in the checkpoint folder"
