@@ -35,9 +35,10 @@ import torch
 import lipsync
 import video
 from audio import save_wav
+from bench.conv_limit import conv_limit, fraction, gflop_per_item
 from frames import FrameSource
-from generation import batch_sizes, generator_workers
-from options import Options
+from generation import batch_sizes, generator_inputs, generator_workers
+from options import BACKEND_CHOICES, Options
 from streams import ordered_map
 from tools.detweights import det_state_dict
 
@@ -114,6 +115,22 @@ def generator_fps(sync: lipsync.LipSync, n_frames: int, batch_size: int) -> tupl
     return n_frames / (time.perf_counter() - start), (time.process_time() - cpu) / n_frames
 
 
+def print_bound(sync: lipsync.LipSync, gen_cpu: float, cpu_per_frame: float, original_fps: float | None) -> None:
+    """The fastest this pipeline could be on this machine: the generator at the fp32 convolution limit
+    (measured), plus the CPU time per frame that the other stages took in this run, over every core."""
+    limit, cores = conv_limit(), torch.get_num_threads()
+    img = sync.hp.img_size
+    faces, mels = np.zeros((1, img, img, 3), np.uint8), np.zeros((1, 1, 80, 16), np.float32)
+    gflop = gflop_per_item(sync.generator.model, *generator_inputs(faces, mels, sync.device, torch.float32))
+    rest = max(0.0, cpu_per_frame - gen_cpu)
+    at_limit, bound = cores * limit / gflop, cores / (gflop / limit + rest)
+    print(f"the limit: {limit:.0f} GFLOP/s per core; the generator ({gflop:.2f} GFLOP/frame) reached "
+          f"{fraction(gflop, gen_cpu, limit):.2f} of it; at the limit it would make {at_limit:.1f} frames/s on "
+          f"{cores} cores, and the pipeline, with its other stages' {1000 * rest:.0f} CPU ms/frame, {bound:.1f}")  # fmt: skip
+    if original_fps:
+        print(f"  = at most {bound / original_fps:.2f}x the original's pipeline (models loaded) on this machine")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--face", help="video to lip-sync (default: a synthetic 512x512 clip)")
@@ -129,6 +146,8 @@ def main() -> None:
     p.add_argument("--skip_original", action="store_true", help="do not time the original's way")
     p.add_argument("--skip_detection", action="store_true")
     p.add_argument("--other_checkout", help="another checkout of this project: its inference.py in the same rounds")
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=BACKEND_CHOICES,
+                   help="our whole command once per backend in each round (onnxruntime: exported before)")  # fmt: skip
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +172,11 @@ def main() -> None:
         gen_before, gen_cpu_before = generator_fps(sync, n_probe, batch_size)
         extra = ["--device", args.device] + (["--wav2lip_batch_size", str(args.batch_size)] if args.batch_size else [])
         compare = sync.device.type == "cpu" and not args.skip_original
-        ours, e2e_cpu, ours_cmd, theirs_cmd, theirs, other_cmd = [], [], [], [], [], []
+        ours, e2e_cpu, theirs_cmd, theirs, other_cmd = [], [], [], [], []
+        ours_cmd: dict[str, list[float]] = {backend: [] for backend in args.backends}
+        backend_flags = {b: ["--backend", b, "--cache_dir", str(tmp / "cache")] for b in args.backends}
+        if compare and "onnxruntime" in args.backends:  # the export into --cache_dir, once, before the rounds
+            our_command(face, speech, box, checkpoint, tmp / "cli.mp4", 1, extra + backend_flags["onnxruntime"])
         other = Path(args.other_checkout).resolve() / "inference.py" if args.other_checkout else None
         for _ in range(args.rounds):
             cpu = time.process_time()
@@ -161,7 +184,10 @@ def main() -> None:
             e2e_cpu.append((time.process_time() - cpu) / summary.frames)
             ours.append(summary.fps)
             if compare:
-                ours_cmd.append(our_command(face, speech, box, checkpoint, tmp / "cli.mp4", summary.frames, extra))
+                for backend, flags in backend_flags.items():
+                    ours_cmd[backend].append(
+                        our_command(face, speech, box, checkpoint, tmp / "cli.mp4", summary.frames, extra + flags)
+                    )
                 if other is not None:
                     other_cmd.append(
                         our_command(face, speech, box, checkpoint, tmp / "o.mp4", summary.frames, extra, other)
@@ -183,13 +209,14 @@ def main() -> None:
         print(f"clip: {face.name} {info.width}x{info.height} @ {float(info.fps):.2f} fps, {summary.frames} frames")
         print(f"device: {sync.device}, generator batch {batch_size}, {workers} worker(s) x {threads} torch thread(s)")
         if compare:
-            mine, base = statistics.median(ours_cmd), statistics.median(theirs_cmd)
+            base = statistics.median(theirs_cmd)
             print("end to end, the whole command (start-up, model loading, run, exit):")
-            print(f"  python inference.py:   {mine:6.1f} frames/s ({rounds(ours_cmd)})")
             print(f"  the original's way:    {base:6.1f} frames/s ({rounds(theirs_cmd)})")
-            print(
-                f"  speed-up:              {mine / base:6.2f}x  (per round {ratios(ours_cmd, theirs_cmd)}; target >= 2)"
-            )
+            for backend, values in ours_cmd.items():
+                mine = statistics.median(values)
+                print(f"  inference.py, {backend + ':':16s}{mine:6.1f} frames/s ({rounds(values)}), "
+                      f"{mine / base:.2f}x the original's (per round {ratios(values, theirs_cmd)})")  # fmt: skip
+            ours_cmd = ours_cmd[args.backends[0]]
             if other_cmd:
                 print(f"  {args.other_checkout}: {statistics.median(other_cmd):6.1f} frames/s ({rounds(other_cmd)})")
                 print(f"  its speed-up:          {statistics.median(other_cmd) / base:6.2f}x  (per round "
@@ -205,6 +232,7 @@ def main() -> None:
         print(f"CPU time per frame:      {cpu_per_frame * 1000:6.0f} ms end to end, {gen_cpu * 1000:.0f} ms generator "
               f"only (ratio {gen_cpu / cpu_per_frame:.2f}: the efficiency, unaffected by other processes)")  # fmt: skip
 
+        print_bound(sync, gen_cpu, cpu_per_frame, statistics.median(theirs) if compare else None)
         if args.skip_detection:
             return
         det_face = Path(args.detect_face) if args.detect_face else synthetic_clip(tmp, 1.0, 1280, 720)[0]

@@ -1,17 +1,24 @@
-"""ONNX Runtime against PyTorch, in one run with alternating rounds: the generator alone, and S3FD's forward pass.
+"""Issue 13's speed figures against the machine's limit, in one run with alternating rounds.
 
     python -m bench.onnx_speed                       # deterministic weights; CPU
-    python -m bench.onnx_speed --checkpoint checkpoints/wav2lip_gan.pth --rounds 7
+    python -m bench.onnx_speed --checkpoint checkpoints/wav2lip_gan.pth --rounds 7 --s3fd_sizes 512
 
+- The limit: the fp32 convolution rate one core reaches (`bench.conv_limit`, measured here, first); each
+  figure below is also shown as its GFLOP per CPU second over that limit.
 - Generator alone: `--frames` faces in the pipeline's batch layout (`generation.batch_sizes`, the CPU's
-  worker threads, `Generator.predict` / `OnnxGenerator.predict`), frames/s and CPU ms per frame. A third
-  way, one ONNX Runtime session run using every thread on one batch at a time, shows why the pipeline's
-  layout (batches side by side, one thread each) is kept.
-- S3FD: the network's forward pass alone at 512x512, `--det_batch` frames a call, ms per frame, torch
-  against ONNX Runtime, both with every thread; the outputs are checked identical to 1e-4 of their scale.
+  worker threads, `Generator.predict` / `OnnxGenerator.predict`), frames/s and CPU ms per frame, torch
+  against ONNX Runtime. A third way, one ONNX Runtime session run using every thread on one batch at a
+  time, shows why the pipeline's layout (batches side by side, one thread each) is kept.
+- S3FD at 512x512 and 1080p, `--det_batch` frames a call, every thread: the network's forward pass as the
+  original's detector code path runs it (float64 NumPy preprocessing, the whole batch in one pass) against
+  ours (`detect.forward`: frames a pass within face_detection's PASS_BUDGET) in torch and in ONNX Runtime;
+  the outputs against the original's (to 1e-4 of their scale) and the top boxes compared. Post-processing,
+  the same code for every way, is timed apart: with deterministic weights every anchor scores, and the
+  original's per-anchor Python loop (`bench.face_detection_speed`) would take minutes a frame.
 
-Each round times every way once, in turn; medians and per-round ratios are printed. Deterministic
-weights: the speed is real, the faces are not.
+The whole command, ours in both backends against the original's way: `bench.inference_speed --backends
+torch onnxruntime`. Each round times every way once, in turn; medians and per-round ratios are printed.
+Deterministic weights: the speed is real, the faces are not.
 """
 
 from __future__ import annotations
@@ -28,13 +35,20 @@ import numpy as np
 import torch
 
 import onnx_backend
+from bench.conv_limit import conv_limit, fraction, gflop_per_item
 from devices import tune_cpu_allocator
-from face_detection.detection.sfd import load_net
-from generation import CPU_BATCH_SIZE, Generator, batch_sizes, generator_workers
+from face_detection.api import to_box
+from face_detection.detection.sfd import detect, load_net
+from face_detection.detection.sfd.detect import PIXEL_MEAN
+from face_detection.detection.sfd.sfd_detector import top_boxes
+from generation import CPU_BATCH_SIZE, Generator, batch_sizes, generator_inputs, generator_workers
+from models import Wav2Lip
+from models.conv import fold_batchnorm
 from streams import ordered_map
 from tools.detweights import det_state_dict
 
-S3FD_SIDE = 512  # the frame size of the S3FD timings
+CPU = torch.device("cpu")
+S3FD_SIZES = {"512": (512, 512), "1080p": (1080, 1920)}  # frame sizes (h, w) of the S3FD timings
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -63,11 +77,12 @@ def generator_ways(checkpoint: Path, onnx_path: Path, device: torch.device) -> d
     }
 
 
-def bench_generator(ways: dict[str, tuple], n_frames: int, batch_size: int, rounds: int) -> None:
+def bench_generator(ways: dict[str, tuple], n_frames: int, batch_size: int, rounds: int, limit: float) -> None:
     rng = np.random.default_rng(0)
     faces = rng.integers(0, 256, (batch_size, 96, 96, 3), dtype=np.uint8)
     mels = rng.standard_normal((batch_size, 1, 80, 16)).astype(np.float32)
     outputs = {name: predict(faces, mels) for name, (predict, _, _) in ways.items()}  # also the warm-up
+    gflop = gflop_per_item(fold_batchnorm(Wav2Lip().eval()), *generator_inputs(faces[:1], mels[:1], CPU, torch.float32))
     ref = outputs["torch"].astype(np.int16)
     levels = {name: int(np.abs(out - ref).max()) for name, out in outputs.items()}
     fps: dict[str, list[float]] = {name: [] for name in ways}
@@ -78,38 +93,71 @@ def bench_generator(ways: dict[str, tuple], n_frames: int, batch_size: int, roun
             wall, cpu = timed(partial(run_batches, predict, faces, mels, sizes, workers, threads))
             fps[name].append(n_frames / wall)
             cpu_ms[name].append(1000 * cpu / n_frames)
-    print(f"generator alone: {n_frames} frames in batches of <= {batch_size}, {rounds} rounds")
+    print(f"generator alone: {n_frames} frames in batches of <= {batch_size}, {rounds} rounds, {gflop:.2f} GFLOP/frame")
     for name, (_, workers, threads) in ways.items():
         ratios = [a / b for a, b in zip(fps[name], fps["torch"], strict=True)]
         print(
             f"  {name:36s} {statistics.median(fps[name]):6.1f} frames/s ({workers} x {threads} thread(s)), "
-            f"CPU {statistics.median(cpu_ms[name]):5.0f} ms/frame, vs torch {statistics.median(ratios):.2f}x "
+            f"CPU {statistics.median(cpu_ms[name]):5.0f} ms/frame = "
+            f"{fraction(gflop, statistics.median(cpu_ms[name]) / 1000, limit):.2f} of the limit, vs torch {statistics.median(ratios):.2f}x "
             f"(per round {', '.join(f'{r:.2f}' for r in ratios)}); max |diff| {levels[name]} levels"
         )
 
 
-def bench_s3fd(weights: Path, onnx_path: Path, device: torch.device, batch: int, rounds: int) -> None:
-    net = load_net(weights, device)
-    onnx_net = onnx_backend.OnnxNet(onnx_backend.open_session(onnx_path, "s3fd", device, torch.get_num_threads()))
-    x = torch.rand(batch, 3, S3FD_SIDE, S3FD_SIDE, generator=torch.Generator().manual_seed(0)) * 255 - 120
-    x = x.to(device)
+def original_forward(net: torch.nn.Module, frames_rgb: np.ndarray) -> list[torch.Tensor]:
+    """The original's detector code path up to the network's outputs: float64 mean subtraction in NumPy,
+    a transposed view, and the whole batch in one pass."""
+    x = torch.from_numpy((frames_rgb - np.array(PIXEL_MEAN)).transpose(0, 3, 1, 2)).float()
     with torch.no_grad():
-        ways = {"torch": lambda: net(x), "onnxruntime": lambda: onnx_net(x)}
+        return net(x)
+
+
+def bench_s3fd(weights: Path, onnx_path: Path, device: torch.device, batch: int, rounds: int,
+               sides: list[tuple[int, int]], limit: float) -> None:  # fmt: skip
+    """S3FD's forward pass, ours (bounded passes; torch and ONNX Runtime) against the original's, per
+    frame size; post-processing (the same code for all three) timed apart; the top boxes compared."""
+    net = load_net(weights, device)
+    threads = torch.get_num_threads()
+    onnx_net = onnx_backend.OnnxNet(onnx_backend.open_session(onnx_path, "s3fd", device, threads))
+    rng = np.random.default_rng(0)
+    for h, w in sides:
+        frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
+        tensor = torch.from_numpy(frames).to(device)
+        ways = {
+            "the original's": partial(original_forward, net, frames),
+            "ours, torch": partial(detect.forward, net, tensor),
+            "ours, onnxruntime": partial(detect.forward, onnx_net, tensor),
+        }
         outputs = {name: fn() for name, fn in ways.items()}  # also the warm-up
-        worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(*outputs.values(), strict=True))
+        gflop = gflop_per_item(net, detect.preprocess(tensor[:1]))
+        post_start = time.perf_counter()
+        boxes = {name: top_boxes(detect.candidates(out)) for name, out in outputs.items()}
+        post_ms = 1000 * (time.perf_counter() - post_start) / len(ways) / batch
+        ref = outputs["the original's"]
         ms: dict[str, list[float]] = {name: [] for name in ways}
+        cpu_ms: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(rounds):
             for name, fn in ways.items():
-                ms[name].append(1000 * timed(fn)[0] / batch)
-    ratios = [a / b for a, b in zip(ms["torch"], ms["onnxruntime"], strict=True)]
-    print(f"S3FD forward pass, {S3FD_SIDE}x{S3FD_SIDE}, {batch} frames a call, {torch.get_num_threads()} thread(s):")
-    for name in ways:
-        print(f"  {name:12s} {statistics.median(ms[name]):7.1f} ms/frame ({', '.join(f'{v:.0f}' for v in ms[name])})")
-    print(
-        f"  onnxruntime speed-up {statistics.median(ratios):.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)})"
-    )
-    status = "identical" if worst <= onnx_backend.VERIFY_RTOL else "DIFFERENT"
-    print(f"  outputs {status} to 1e-4: max |diff| / scale {worst:.1e}")
+                wall, cpu = timed(fn)
+                ms[name].append(1000 * wall / batch)
+                cpu_ms[name].append(1000 * cpu / batch)
+        print(f"S3FD forward pass, {w}x{h}, {batch} frames a call, {threads} thread(s), {gflop:.0f} GFLOP/frame:")
+        for name in ways:
+            worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(outputs[name], ref, strict=True))
+            same = all(_same_box(a, b) for a, b in zip(boxes[name], boxes["the original's"], strict=True))
+            ratios = [a / b for a, b in zip(ms["the original's"], ms[name], strict=True)]
+            print(
+                f"  {name:18s} {statistics.median(ms[name]):7.0f} ms/frame ({', '.join(f'{v:.0f}' for v in ms[name])}), "
+                f"{fraction(gflop, statistics.median(cpu_ms[name]) / 1000, limit):.2f} of the limit; "
+                f"{statistics.median(ratios):.2f}x the original's (per round {', '.join(f'{r:.2f}' for r in ratios)}); "
+                f"outputs to {worst:.0e} of scale, top boxes {'identical' if same else 'DIFFERENT'}"
+            )
+        print(f"  post-processing (candidates + top box, the same code for all): {post_ms:.0f} ms/frame")
+
+
+def _same_box(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """The same integer box, as the pipeline rounds it (`face_detection.api.to_box`)."""
+    return (a is None) == (b is None) and (a is None or to_box(a) == to_box(b))
 
 
 def main() -> None:
@@ -120,7 +168,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=CPU_BATCH_SIZE, help="generator batch (the pipeline's on a CPU)")
     p.add_argument("--frames", type=int, default=None, help="generator frames per round (default: 4 batches/worker)")
-    p.add_argument("--det_batch", type=int, default=2, help="S3FD frames per forward pass")
+    p.add_argument("--det_batch", type=int, default=2, help="S3FD frames a call (the original: one pass)")
+    p.add_argument("--s3fd_sizes", nargs="*", choices=S3FD_SIZES, default=list(S3FD_SIZES), help="S3FD frame sizes")
     args = p.parse_args()
     device = torch.device(args.device)
     tune_cpu_allocator()  # as inference does
@@ -136,8 +185,11 @@ def main() -> None:
         ways = generator_ways(checkpoint, w2l_onnx, device)
         n_frames = args.frames or 4 * args.batch_size * generator_workers(device)[0]
         print(f"device {device}, torch {torch.__version__}, onnxruntime {onnx_backend.ort.__version__}")
-        bench_generator(ways, n_frames, args.batch_size, args.rounds)
-        bench_s3fd(detector, s3fd_onnx, device, args.det_batch, args.rounds)
+        limit = conv_limit()
+        print(f"fp32 convolution limit: {limit:.0f} GFLOP/s per core (bench.conv_limit)")
+        bench_generator(ways, n_frames, args.batch_size, args.rounds, limit)
+        sizes = [S3FD_SIZES[name] for name in args.s3fd_sizes]
+        bench_s3fd(detector, s3fd_onnx, device, args.det_batch, args.rounds, sizes, limit)
 
 
 if __name__ == "__main__":

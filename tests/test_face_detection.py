@@ -160,6 +160,30 @@ def test_vectorised_candidates_equal_the_per_anchor_loop(s3fd_weights, image):
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # bit-identical
 
 
+def test_network_passes_stay_within_the_budget_with_the_whole_batchs_candidates(s3fd_weights, batch, golden_run):
+    """A batch too big for one pass runs a frame at a time; the candidates are still the whole batch's
+    (the golden call's), and a pass never holds more frames than `frames_per_pass` allows."""
+    from face_detection.detection.sfd import detect
+
+    net, seen = load_net(s3fd_weights), []
+
+    def counting(x: torch.Tensor) -> list[torch.Tensor]:
+        seen.append(len(x))
+        return net(x)
+
+    frames = torch.from_numpy(batch).flip(-1)
+    h, w = frames.shape[1:3]
+    assert detect.frames_per_pass((h, w)) >= len(frames)  # the golden call was one pass
+    one_frame = detect.PASS_BYTES_PER_PIXEL * h * w
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(detect, "PASS_BUDGET", one_frame)  # room for one frame a pass
+        got = batch_detect(counting, frames)
+    assert seen == [1, 1]
+    torch.testing.assert_close(got, golden_run[1], rtol=1e-5, atol=1e-5)  # the same candidates, to round-off
+    assert detect.frames_per_pass((1080, 1920)) == 1  # 1080p: 16 frames in one pass needed 24 GB
+    assert detect.frames_per_pass((1, 1), budget=0) == 1
+
+
 def test_tensor_input_and_batch_of_one(s3fd_weights, image):
     fa = face_detection.FaceAlignment(device="cpu", path_to_detector=s3fd_weights)
     # The top box does not depend on the other frames of the batch once it scores above 0.05.

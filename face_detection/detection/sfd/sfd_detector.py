@@ -76,14 +76,18 @@ class SFDDetector(FaceDetector):
         return out
 
     def best_boxes(self, frames_rgb: torch.Tensor, max_side: int | None = None) -> list[np.ndarray | None]:
-        """Same answer as `detect_from_batch(...)[i][0]`, without NMS.
+        """Same answer as `detect_from_batch(...)[i][0]`, without NMS (see `top_boxes`)."""
+        return top_boxes(batch_detect(self.face_detector, frames_rgb, max_side))
 
-        NMS always keeps the top-scoring box first and every later box scores no higher, so the first box
-        surviving the 0.5 cut is the top box when it scores above 0.5, and there is none otherwise.
-        """
-        dets = batch_detect(self.face_detector, frames_rgb, max_side)
-        if dets.shape[1] == 0:
-            return [None] * len(dets)
-        top = torch.tensor([best_index(s) for s in dets[..., 4].cpu().numpy()], device=dets.device)
-        rows = dets[torch.arange(len(dets), device=dets.device), top].cpu().numpy()
-        return [row if row[4] > KEEP_SCORE else None for row in rows]
+
+def top_boxes(dets: torch.Tensor) -> list[np.ndarray | None]:
+    """Per frame of candidates [B, N, 5], the top-scoring row when it scores above KEEP_SCORE, else None.
+
+    NMS always keeps the top-scoring box first and every later box scores no higher, so the first box
+    surviving the 0.5 cut is the top box when it scores above 0.5, and there is none otherwise.
+    """
+    if dets.shape[1] == 0:
+        return [None] * len(dets)
+    top = torch.tensor([best_index(s) for s in dets[..., 4].cpu().numpy()], device=dets.device)
+    rows = dets[torch.arange(len(dets), device=dets.device), top].cpu().numpy()
+    return [row if row[4] > KEEP_SCORE else None for row in rows]

@@ -1,0 +1,76 @@
+"""The machine's fp32 convolution limit, measured, and what it allows the generator and S3FD.
+
+    python -m bench.conv_limit
+
+The limit is the best rate one core reaches on large 3x3 convolutions of the generator's own widest
+shapes (channels-last, as the pipeline runs them; oneDNN through torch), not a datasheet figure: a virtual
+machine's clock and vector units are what they are. A network's frame then costs at least its FLOPs over
+that rate, whatever the framework; `fraction` puts a measured rate next to it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# (channels in and out, side, batch) of 3x3 stride-1 convolutions: the generator's 24x24, 12x12 and 48x48
+# stages at the pipeline's CPU batch, where the work per call is large enough to keep the vector units fed
+LIMIT_SHAPES = ((256, 24, 16), (512, 12, 16), (128, 48, 16))
+REPEATS = 5  # timed calls per shape; the best counts (the others met other processes)
+
+
+def conv_rate(channels: int, side: int, batch: int, repeats: int = REPEATS) -> float:
+    """Best GFLOP/s of one 3x3 convolution on the calling thread's torch threads."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
+    flops = 2 * channels * channels * 9 * side * side * batch
+    best = float("inf")
+    with torch.inference_mode():
+        conv(x)  # oneDNN picks and prepares its kernel on the first call
+        for _ in range(repeats):
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def conv_limit() -> float:
+    """GFLOP/s one core can reach on fp32 convolutions: the best of LIMIT_SHAPES on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return max(conv_rate(*shape) for shape in LIMIT_SHAPES)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gflop_per_item(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """GFLOP of one forward pass per item of the batch (convolutions and matrix products, as counted by
+    torch's FlopCounterMode; element-wise work is not counted, so a fraction of the limit is generous)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops() / len(inputs[0]) / 1e9
+
+
+def fraction(gflop: float, cpu_seconds: float, limit: float) -> float:
+    """Share of the limit a run reached: its GFLOP per CPU second over the limit of one core."""
+    return gflop / cpu_seconds / limit
+
+
+def main() -> None:
+    from generation import generator_inputs
+    from models import Wav2Lip
+    from models.conv import fold_batchnorm
+
+    limit = conv_limit()
+    print(f"fp32 convolution limit: {limit:.0f} GFLOP/s per core (best of {LIMIT_SHAPES}, 1 thread)")
+    faces = torch.zeros(1, 96, 96, 3, dtype=torch.uint8).numpy()
+    mels, x = generator_inputs(faces, torch.zeros(1, 1, 80, 16).numpy(), torch.device("cpu"), torch.float32)
+    gflop = gflop_per_item(fold_batchnorm(Wav2Lip().eval()), mels, x)
+    print(f"generator: {gflop:.2f} GFLOP/frame, at least {1000 * gflop / limit:.0f} CPU ms/frame at the limit")
+
+
+if __name__ == "__main__":
+    main()
