@@ -214,7 +214,7 @@ def main() -> None:
             print(f"  the original's way:    {base:6.1f} frames/s ({rounds(theirs_cmd)})")
             for backend, values in ours_cmd.items():
                 mine = statistics.median(values)
-                print(f"  inference.py, {backend + ':':16s}{mine:6.1f} frames/s ({rounds(values)}), "
+                print(f"  inference.py, {backend + ':':12s}{mine:5.1f} frames/s ({rounds(values)}), "
                       f"{mine / base:.2f}x the original's (per round {ratios(values, theirs_cmd)})")  # fmt: skip
             ours_cmd = ours_cmd[args.backends[0]]
             if other_cmd:
