@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from generation import generator_inputs
+from models import Wav2Lip
+from models.conv import fold_batchnorm
 
 # (channels in and out, side, batch) of 3x3 stride-1 convolutions: the generator's 24x24, 12x12 and 48x48
 # stages at the pipeline's CPU batch, where the work per call is large enough to keep the vector units fed
@@ -54,21 +59,22 @@ def gflop_per_item(model: torch.nn.Module, *inputs: torch.Tensor) -> float:
     return counter.get_total_flops() / len(inputs[0]) / 1e9
 
 
+def generator_gflop() -> float:
+    """GFLOP of one generator frame, as the pipeline runs it (BatchNorm folded); weights do not matter."""
+    faces, mels = np.zeros((1, 96, 96, 3), np.uint8), np.zeros((1, 1, 80, 16), np.float32)
+    inputs = generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
+    return gflop_per_item(fold_batchnorm(Wav2Lip().eval()), *inputs)
+
+
 def fraction(gflop: float, cpu_seconds: float, limit: float) -> float:
     """Share of the limit a run reached: its GFLOP per CPU second over the limit of one core."""
     return gflop / cpu_seconds / limit
 
 
 def main() -> None:
-    from generation import generator_inputs
-    from models import Wav2Lip
-    from models.conv import fold_batchnorm
-
     limit = conv_limit()
     print(f"fp32 convolution limit: {limit:.0f} GFLOP/s per core (best of {LIMIT_SHAPES}, 1 thread)")
-    faces = torch.zeros(1, 96, 96, 3, dtype=torch.uint8).numpy()
-    mels, x = generator_inputs(faces, torch.zeros(1, 1, 80, 16).numpy(), torch.device("cpu"), torch.float32)
-    gflop = gflop_per_item(fold_batchnorm(Wav2Lip().eval()), mels, x)
+    gflop = generator_gflop()
     print(f"generator: {gflop:.2f} GFLOP/frame, at least {1000 * gflop / limit:.0f} CPU ms/frame at the limit")
 
 

@@ -122,7 +122,7 @@ def main() -> None:
             face = synthetic_clip(tmp, DETECT_FRAMES / 25, 1920, 1080)[0]
             peak = run_case(face, DETECT_FRAMES / 25, tmp, checkpoint, args, detector)
             print(f"1920x1080, {DETECT_FRAMES} frames with detection: {peak * 1.048576 / 1000:.2f} GB "
-                  "(one pass of the 16 frames, as the original: 24 GB, killed on a 24 GB machine)")  # fmt: skip
+                  f"(one pass of the {DETECT_FRAMES} frames, as the original: 24 GB, killed on a 24 GB machine)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,9 +35,9 @@ import torch
 import lipsync
 import video
 from audio import save_wav
-from bench.conv_limit import conv_limit, fraction, gflop_per_item
+from bench.conv_limit import conv_limit, fraction, generator_gflop
 from frames import FrameSource
-from generation import batch_sizes, generator_inputs, generator_workers
+from generation import batch_sizes, generator_workers
 from options import BACKEND_CHOICES, Options
 from streams import ordered_map
 from tools.detweights import det_state_dict
@@ -115,13 +115,10 @@ def generator_fps(sync: lipsync.LipSync, n_frames: int, batch_size: int) -> tupl
     return n_frames / (time.perf_counter() - start), (time.process_time() - cpu) / n_frames
 
 
-def print_bound(sync: lipsync.LipSync, gen_cpu: float, cpu_per_frame: float, original_fps: float | None) -> None:
+def print_bound(gen_cpu: float, cpu_per_frame: float, original_fps: float | None) -> None:
     """The fastest this pipeline could be on this machine: the generator at the fp32 convolution limit
     (measured), plus the CPU time per frame that the other stages took in this run, over every core."""
-    limit, cores = conv_limit(), torch.get_num_threads()
-    img = sync.hp.img_size
-    faces, mels = np.zeros((1, img, img, 3), np.uint8), np.zeros((1, 1, 80, 16), np.float32)
-    gflop = gflop_per_item(sync.generator.model, *generator_inputs(faces, mels, sync.device, torch.float32))
+    limit, cores, gflop = conv_limit(), torch.get_num_threads(), generator_gflop()
     rest = max(0.0, cpu_per_frame - gen_cpu)
     at_limit, bound = cores * limit / gflop, cores / (gflop / limit + rest)
     print(f"the limit: {limit:.0f} GFLOP/s per core; the generator ({gflop:.2f} GFLOP/frame) reached "
@@ -232,7 +229,7 @@ def main() -> None:
         print(f"CPU time per frame:      {cpu_per_frame * 1000:6.0f} ms end to end, {gen_cpu * 1000:.0f} ms generator "
               f"only (ratio {gen_cpu / cpu_per_frame:.2f}: the efficiency, unaffected by other processes)")  # fmt: skip
 
-        print_bound(sync, gen_cpu, cpu_per_frame, statistics.median(theirs) if compare else None)
+        print_bound(gen_cpu, cpu_per_frame, statistics.median(theirs) if compare else None)
         if args.skip_detection:
             return
         det_face = Path(args.detect_face) if args.detect_face else synthetic_clip(tmp, 1.0, 1280, 720)[0]

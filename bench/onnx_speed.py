@@ -35,19 +35,16 @@ import numpy as np
 import torch
 
 import onnx_backend
-from bench.conv_limit import conv_limit, fraction, gflop_per_item
+from bench.conv_limit import conv_limit, fraction, generator_gflop, gflop_per_item
 from devices import tune_cpu_allocator
 from face_detection.api import to_box
 from face_detection.detection.sfd import detect, load_net
 from face_detection.detection.sfd.detect import PIXEL_MEAN
 from face_detection.detection.sfd.sfd_detector import top_boxes
-from generation import CPU_BATCH_SIZE, Generator, batch_sizes, generator_inputs, generator_workers
-from models import Wav2Lip
-from models.conv import fold_batchnorm
+from generation import CPU_BATCH_SIZE, Generator, batch_sizes, generator_workers
 from streams import ordered_map
 from tools.detweights import det_state_dict
 
-CPU = torch.device("cpu")
 S3FD_SIZES = {"512": (512, 512), "1080p": (1080, 1920)}  # frame sizes (h, w) of the S3FD timings
 
 
@@ -89,7 +86,7 @@ def bench_generator(ways: dict[str, tuple], n_frames: int, batch_size: int, roun
     faces = rng.integers(0, 256, (batch_size, 96, 96, 3), dtype=np.uint8)
     mels = rng.standard_normal((batch_size, 1, 80, 16)).astype(np.float32)
     outputs = {name: predict(faces, mels) for name, (predict, _, _) in ways.items()}  # also the warm-up
-    gflop = gflop_per_item(fold_batchnorm(Wav2Lip().eval()), *generator_inputs(faces[:1], mels[:1], CPU, torch.float32))
+    gflop = generator_gflop()
     ref = outputs["torch"].astype(np.int16)
     levels = {name: int(np.abs(out - ref).max()) for name, out in outputs.items()}
     fps: dict[str, list[float]] = {name: [] for name in ways}
