@@ -20,7 +20,9 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data"  # the goldens and
 GOLDEN = DATA / "golden"
 SPEC = DATA / "spec"
 
-GAINS = {"Wav2Lip": 4.0, "SyncNet_color": 4.0, "syncnet_python_S": 4.0, "Wav2Lip_disc_qual": 6.0, "s3fd": 3.0}
+GAINS = {"Wav2Lip": 4.0, "SyncNet_color": 4.0, "syncnet_python_S": 4.0, "Wav2Lip_disc_qual": 6.0, "s3fd": 3.0,
+         "RRDBNet": 1.0, "BiSeNet": 4.0, "GFPGANv1Clean": 1.0, "CodeFormer": 4.0}  # fmt: skip
+LATER_ARCHS = {"RRDBNet", "BiSeNet", "GFPGANv1Clean", "CodeFormer"}  # the HQ and restoration networks' extra rules
 
 _GOLDEN_RATIO = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -48,13 +50,19 @@ def uniform(key: str, n: int) -> np.ndarray:
     return 2.0 * f - 1.0
 
 
-def det_value(key: str, shape: list[int], gain: float) -> torch.Tensor:
+def det_value(key: str, shape: list[int], gain: float, later: bool = False) -> torch.Tensor:
+    """The value of one state-dict entry: the first matching rule of the goldens' README wins. With `later`
+    (the HQ and restoration networks), three rules come first: noise buffers, modulated convs, attention biases."""
     if key.endswith("num_batches_tracked"):
         return torch.zeros(shape, dtype=torch.int64)
     n = int(np.prod(shape)) if shape else 1
     u = uniform(key, n)
     leaf = key.rsplit(".", 1)[-1]
-    if leaf == "running_mean":
+    if later and len(shape) == 4 and leaf.startswith("noise"):
+        v = u
+    elif later and len(shape) == 5:
+        v = u * math.sqrt(gain / int(np.prod(shape[2:])))
+    elif (later and len(shape) == 1 and leaf.endswith("bias") and leaf != "bias") or leaf == "running_mean":
         v = 0.05 * u
     elif leaf == "running_var":
         v = 1.0 + 0.5 * np.abs(u)
@@ -73,6 +81,13 @@ def det_state_dict(arch: str) -> OrderedDict[str, torch.Tensor]:
     """The deterministic state dict of `arch` (a name of tests/data/spec), in spec order."""
     gain = GAINS[arch]
     return OrderedDict((k, det_value(k, s, gain)) for k, s, _ in load_spec(arch))
+
+
+def det_weights_like(module: torch.nn.Module, arch: str) -> OrderedDict[str, torch.Tensor]:
+    """The deterministic state dict of `module`'s own keys and shapes, in its own order, with `arch`'s gain:
+    for the HQ and restoration networks, whose goldens list no spec (their keys are the reference's)."""
+    gain, later = GAINS[arch], arch in LATER_ARCHS
+    return OrderedDict((k, det_value(k, list(v.shape), gain, later)) for k, v in module.state_dict().items())
 
 
 def formula(shape: list[int], off: float, amp: float, freq: float, phase: float) -> torch.Tensor:
