@@ -25,8 +25,8 @@ import av
 import numpy as np
 import soxr
 
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
 from hparams import HParams, hparams
 
 ABSURD_PEAK = 1000.0  # 60 dB above full scale: no recording holds such a sample, only damaged data

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import argparse
 
-from errors import run_cli
+from common.errors import run_cli
+
+MODELS = ("wav2lip", "s3fd", "syncnet")  # the engine's networks (lipsync/onnx_models.py), then evaluation's
+
+
+def specs() -> dict:
+    """Every exportable network's `common.onnx_export.Spec`, by `--model` name."""
+    from evaluation.onnx_syncnet import SPECS as EVALUATION
+    from lipsync.onnx_models import SPECS as ENGINE
+
+    return {**ENGINE, **EVALUATION}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from onnx_backend import MODELS
-
     p = argparse.ArgumentParser(description="Export a network of Wav2Lip to ONNX")
     p.add_argument("--model", required=True, choices=MODELS, help="which network the checkpoint holds")
     p.add_argument("--checkpoint_path", required=True, help="wav2lip(_gan).pth, s3fd.pth or syncnet_v2.model")
@@ -29,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from onnx_backend import OPSET, export
+    from common.onnx_export import OPSET, export
 
-    out = export(args.model, args.checkpoint_path, args.out)
+    out = export(specs()[args.model], args.checkpoint_path, args.out)
     if not args.quiet:
         print(f"wrote {out} ({args.model}, opset {OPSET}, dynamic batch; checked against PyTorch)")
 

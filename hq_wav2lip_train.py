@@ -6,7 +6,7 @@ python hq_wav2lip_train.py --data_root ... --checkpoint_dir ... --syncnet_checkp
 from __future__ import annotations
 
 import wav2lip_train
-from errors import run_cli
+from common.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import gc
 
-from errors import run_cli
+from common.errors import run_cli
 from hparams import add_hparams_argument, from_argument
-from options import DEFAULT_OUTFILE, ModelOptions, Options, add_arguments, from_namespace
+from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options, add_arguments, from_namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from lipsync import lipsync
+    from lipsync.pipeline import lipsync
 
-    summary = lipsync(
-        args.face, args.audio, args.checkpoint_path, args.outfile,
-        device=args.device, fp16=args.fp16, detector_path=args.detector_path, hp=from_argument(args.hparams),
-        backend=args.backend, onnx_path=args.onnx_path, detector_onnx_path=args.detector_onnx_path,
-        **from_namespace(Options, args),
-    )  # fmt: skip
+    model = ModelOptions(**from_namespace(ModelOptions, args))
+    summary = lipsync(args.face, args.audio, model, args.outfile, hp=from_argument(args.hparams),
+                      **from_namespace(Options, args))  # fmt: skip
     if not args.quiet:
         print(summary.line())
 

@@ -40,12 +40,12 @@ import cv2
 import numpy as np
 
 import audio
-import video
-from data import compute_mel, mel_cache_name
-from devices import Rank, shard, torchrun_rank
-from errors import UserError, run_cli
-from files import check_writable, write_text_atomic
+from common import video
+from common.atomic_files import check_writable, write_text_atomic
+from common.devices import Rank, shard, torchrun_rank
+from common.errors import UserError, run_cli
 from hparams import HParams, add_hparams_argument, from_argument, hparams
+from training.datasets import compute_mel, mel_cache_name
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -18,85 +18,44 @@ import argparse
 import gc
 import json
 
-from errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from hparams import add_hparams_argument, from_argument
-from live import DEFAULT_BUDGET_MS, DEFAULT_SILENCE_DB, IDLE_CHOICES, LIVE_BATCH
-from options import DEFAULT_OUTFILE, ModelOptions, Options, add_arguments, from_namespace
-from replay import PACES
-
-DEFAULT_PORT = 8080
+from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options, add_arguments, from_namespace
+from live.options import LIVE_DEFAULTS, LiveOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Lip-sync a live stream of speech: a file fed chunk by chunk, or a "
                                 "WebRTC server")  # fmt: skip
     p.add_argument("--face", required=True, help="the avatar: a video (looped forward) or an image")
-    add_arguments(p, ModelOptions, required=("checkpoint_path",))
-    add_arguments(p, Options)
-    add_hparams_argument(p)
     p.add_argument("--audio", help="file mode: the speech to feed through the stream")
     p.add_argument("--outfile", default=DEFAULT_OUTFILE, help="file mode: output video (H.264 + AAC)")
-    p.add_argument("--chunk_ms", type=float, default=20.0, help="file mode: milliseconds of audio per chunk")
-    p.add_argument("--pace", choices=PACES, default="realtime",
-                   help="file mode: feed chunks as they would be spoken, or as fast as possible (the frames are "
-                   "then inference.py's, bit for bit)")  # fmt: skip
-    p.add_argument("--serve", action="store_true", help="start the WebRTC server instead of file mode")
-    p.add_argument("--host", default="127.0.0.1", help="server mode: address to listen on")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="server mode: port to listen on")
-    p.add_argument("--max_sessions", type=int, default=8, help="server mode: connections served at once")
-    p.add_argument(
-        "--latency_budget_ms",
-        type=float,
-        default=DEFAULT_BUDGET_MS,
-        help="a frame not generated within this time of its audio is dropped (the last one repeats)",
-    )
-    p.add_argument(
-        "--idle",
-        choices=IDLE_CHOICES,
-        default="source",
-        help="while no speech arrives: show the source frames, or generate frames of silence",
-    )
-    p.add_argument(
-        "--silence_db",
-        type=float,
-        default=DEFAULT_SILENCE_DB,
-        help="a frame whose 200 ms of audio is quieter than this (RMS, dB full scale) counts as idle",
-    )
-    p.add_argument(
-        "--live_batch",
-        type=int,
-        default=LIVE_BATCH,
-        help="frames per generator call in realtime pace and server mode (more: faster, later)",
-    )
+    add_arguments(p, ModelOptions, required=("checkpoint_path",))
+    add_arguments(p, Options, defaults=LIVE_DEFAULTS)
+    add_arguments(p, LiveOptions)
+    add_hparams_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not args.serve and not args.audio:
+    live = LiveOptions(**from_namespace(LiveOptions, args))
+    if not live.serve and not args.audio:
         raise UserError("give --audio (file mode) or --serve (server mode)")
-    if min(args.latency_budget_ms, args.live_batch, args.chunk_ms, args.max_sessions) <= 0:
-        raise UserError("--latency_budget_ms, --chunk_ms, --live_batch and --max_sessions must be positive")
-    from lipsync import LipSync
-    from live import single_threaded_blas
+    from lipsync.pipeline import LipSync
+    from live.sessions import single_threaded_blas
 
     single_threaded_blas()
-    model = {k: v for k, v in from_namespace(ModelOptions, args).items() if k != "checkpoint_path"}
-    sync = LipSync(args.checkpoint_path, hp=from_argument(args.hparams), quiet=args.quiet, cache_dir=args.cache_dir,
-                   **model)  # fmt: skip
-    live = {"budget_ms": args.latency_budget_ms, "idle": args.idle, "silence_db": args.silence_db,
-            "batch": args.live_batch}  # fmt: skip
+    sync = LipSync(ModelOptions(**from_namespace(ModelOptions, args)), hp=from_argument(args.hparams), quiet=args.quiet)
     options = from_namespace(Options, args)
-    if args.serve:
-        from webrtc_server import serve
+    if live.serve:
+        from live.webrtc import serve
 
-        serve(sync, args.face, args.host, args.port, live, options, args.max_sessions)
+        serve(sync, args.face, live, options)
         return
-    from replay import replay
+    from live.replay import replay
 
-    options["quiet"] = True
-    figures = replay(sync, args.face, args.audio, args.outfile, pace=args.pace, chunk_ms=args.chunk_ms, **live,
-                     **options)  # fmt: skip
+    figures = replay(sync, args.face, args.audio, args.outfile, live, **(options | {"quiet": True}))
     print(json.dumps(figures))
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-import checkpoint_io
-import training
-from checkpoints import load_weights
-from data import SYNCNET_T, Wav2LipDataset
-from errors import run_cli
-from files import atomic_path
-from flags import option
+from common.atomic_files import atomic_path
+from common.errors import run_cli
+from common.flags import option
+from common.weights import load_weights
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual, cosine_loss
+from training import loop, run_folder
+from training.datasets import SYNCNET_T, Wav2LipDataset
 
 EVAL_STEPS = 700  # the original's batches per evaluation, cycling through its loader
 EVAL_STEPS_GAN = 300  # hq_wav2lip_train.py's cap; it stopped after one pass (one window per val video)
@@ -60,7 +59,7 @@ SYNC_WT_ON, SYNC_WT_ON_GAN = 0.01, 0.03
 
 
 @dataclass(frozen=True, kw_only=True)
-class GeneratorConfig(training.TrainConfig):
+class GeneratorConfig(loop.TrainConfig):
     """Everything a run of the generator needs: the common flags and the generator's own."""
 
     syncnet_checkpoint_path: str = option(help="the trained expert (e.g. checkpoints/lipsync_expert.pth)")
@@ -75,13 +74,13 @@ def build_parser(gan_default: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         prog="hq_wav2lip_train.py" if gan_default else "wav2lip_train.py",
     )
-    training.add_config_arguments(parser, GeneratorConfig)
+    loop.add_config_arguments(parser, GeneratorConfig)
     parser.set_defaults(gan=gan_default)
     return parser
 
 
 def config_from_argv(argv: list[str] | None = None, gan_default: bool = False) -> GeneratorConfig:
-    return training.config_from_args(GeneratorConfig, build_parser(gan_default).parse_args(argv))
+    return loop.config_from_args(GeneratorConfig, build_parser(gan_default).parse_args(argv))
 
 
 @dataclass
@@ -109,20 +108,20 @@ class SyncWeight:
 
 
 @dataclass(frozen=True)
-class GeneratorResult(training.RunResult):
+class GeneratorResult(loop.RunResult):
     """A finished generator run: the common result, the sync-loss weight reached and the discriminator."""
 
     syncnet_wt: float
     disc: Wav2Lip_disc_qual | None
 
 
-def sync_loss(syncnet: nn.Module, mel: torch.Tensor, g: torch.Tensor, ctx: training.Context, amp: str) -> torch.Tensor:
+def sync_loss(syncnet: nn.Module, mel: torch.Tensor, g: torch.Tensor, ctx: loop.Context, amp: str) -> torch.Tensor:
     """The expert's BCE of the generated window (B, 3, T, H, W) against "in sync": lower halves, frames on channels."""
     lower = g[:, :, :, g.size(3) // 2 :]
     frames = torch.cat([lower[:, :, i] for i in range(SYNCNET_T)], dim=1)
-    with training.autocast(ctx, amp):
+    with loop.autocast(ctx, amp):
         a, v = syncnet(mel, frames)
-    return training.finite_or_nan(cosine_loss, a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
+    return loop.finite_or_nan(cosine_loss, a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
 
 
 @contextlib.contextmanager
@@ -138,23 +137,23 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def perceptual_loss(disc: nn.Module, g: torch.Tensor, ctx: training.Context, amp: str) -> torch.Tensor:
+def perceptual_loss(disc: nn.Module, g: torch.Tensor, ctx: loop.Context, amp: str) -> torch.Tensor:
     """`disc.perceptual_forward(g)` under autocast. The discriminator's own gradients are not needed for
     the generator's step (the original computed and then zeroed them), so its parameters are frozen and
     its DDP wrapper bypassed."""
-    with frozen(training.unwrap(disc)) as d, training.autocast(ctx, amp):
+    with frozen(loop.unwrap(disc)) as d, loop.autocast(ctx, amp):
         return d.perceptual_forward(g)
 
 
 def disc_losses(
-    disc: nn.Module, gt: torch.Tensor, g: torch.Tensor, ctx: training.Context, amp: str
+    disc: nn.Module, gt: torch.Tensor, g: torch.Tensor, ctx: loop.Context, amp: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE of the discriminator on real (label 1) and generated (label 0) frames, in one forward pass.
 
     The discriminator has no batch statistics, so one pass over both equals the original's two.
     """
     batch = len(gt)
-    with training.autocast(ctx, amp):
+    with loop.autocast(ctx, amp):
         pred = disc(torch.cat([gt, g.detach()]))
     pred = pred.float().view(gt.size(2), 2 * batch)  # rows are time-major: t * 2B + b
     real, fake = pred[:, :batch], pred[:, batch:]
@@ -183,18 +182,19 @@ class Networks:
     under one process)."""
 
     model: Wav2Lip
-    optimizer: torch.optim.Optimizer
+    stepper: loop.Stepper
     syncnet: SyncNet_color
     disc: Wav2Lip_disc_qual | None
-    disc_optimizer: torch.optim.Optimizer | None
+    disc_stepper: loop.Stepper | None
     ddp_model: nn.Module
     ddp_disc: nn.Module | None
-    scaler: torch.amp.GradScaler
-    disc_scaler: torch.amp.GradScaler
-    skipped: int = 0  # optimizer steps the fp16 scaler skipped (overflow), both networks
+
+    def scalars(self) -> dict[str, float]:
+        """The generator's learning rate, and the steps the fp16 scaler skipped in both networks."""
+        return self.stepper.scalars(self.stepper.skipped + (self.disc_stepper.skipped if self.disc_stepper else 0))
 
 
-def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Networks, SyncWeight, tuple[int, int]]:
+def build_networks(config: GeneratorConfig, ctx: loop.Context) -> tuple[Networks, SyncWeight, tuple[int, int]]:
     """The networks, resumed from the checkpoints given, with the sync-loss weight; and the (step,
     epoch) to start from."""
     hp = config.hparams
@@ -209,7 +209,7 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
     start = 0, 0
     if config.checkpoint_path:
         container = load_weights(model, config.checkpoint_path, "Wav2Lip", "--checkpoint_path")
-        start = checkpoint_io.resume(container, optimizer, config.checkpoint_path, hp)
+        start = run_folder.resume(container, optimizer, config.checkpoint_path, hp)
         if "sync_weight" in container:
             sync_weight.load_state_dict(container["sync_weight"])
         elif "syncnet_wt" in container:  # the checkpoints of this project's first version
@@ -221,20 +221,28 @@ def build_networks(config: GeneratorConfig, ctx: training.Context) -> tuple[Netw
         disc_optimizer = torch.optim.Adam(params, hp.disc_initial_learning_rate, (0.5, 0.999))
         if config.disc_checkpoint_path:
             container = load_weights(disc, config.disc_checkpoint_path, "Wav2Lip_disc_qual", "--disc_checkpoint_path")
-            checkpoint_io.resume(container, disc_optimizer, config.disc_checkpoint_path, hp)
-    ddp_disc = training.wrap_ddp(disc, ctx) if disc is not None else None
-    scalers = training.grad_scaler(ctx, config.amp), training.grad_scaler(ctx, config.amp)
-    nets = Networks(model, optimizer, syncnet, disc, disc_optimizer, training.wrap_ddp(model, ctx), ddp_disc, *scalers)
+            run_folder.resume(container, disc_optimizer, config.disc_checkpoint_path, hp)
+    ddp_disc = loop.wrap_ddp(disc, ctx) if disc is not None else None
+    stepper = loop.Stepper(optimizer, loop.grad_scaler(ctx, config.amp))
+    disc_stepper = loop.Stepper(disc_optimizer, loop.grad_scaler(ctx, config.amp)) if disc is not None else None
+    nets = Networks(model, stepper, syncnet, disc, disc_stepper, loop.wrap_ddp(model, ctx), ddp_disc)
     return nets, sync_weight, start
 
 
 def train_step(
-    nets: Networks, batch: list[torch.Tensor], syncnet_wt: float, disc_wt: float, ctx: training.Context, amp: str
+    nets: Networks,
+    batch: list[torch.Tensor],
+    syncnet_wt: float,
+    disc_wt: float,
+    ctx: loop.Context,
+    amp: str,
+    check: Callable[[dict[str, float]], None] = lambda losses: None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One step of the generator, then (--gan) one of the discriminator; returns the losses and the
-    generated window. The sync loss is only computed while its weight is on, as the original."""
+    generated window. The sync loss is only computed while its weight is on, as the original. `check`
+    sees each network's losses before its optimizer step (a NaN stops the run before reaching the weights)."""
     x, indiv_mels, mel, gt = batch
-    with training.autocast(ctx, amp):
+    with loop.autocast(ctx, amp):
         g = nets.ddp_model(indiv_mels, x)
     g = g.float()
     l1 = F.l1_loss(g, gt)
@@ -242,16 +250,20 @@ def train_step(
     sync = sync_loss(nets.syncnet, mel, g, ctx, amp) if syncnet_wt > 0 else zero
     percep = perceptual_loss(nets.disc, g, ctx, amp) if disc_wt > 0 else zero
     loss = syncnet_wt * sync + disc_wt * percep + (1.0 - syncnet_wt - disc_wt) * l1
-    nets.skipped += not training.optimizer_step(loss, nets.optimizer, nets.scaler)
-    losses = {"l1": l1.item(), "sync_loss": sync.item()}
+    losses = {"l1": l1.item(), "sync_loss": sync.item()} | (
+        {"perceptual": percep.item()} if nets.disc is not None else {}
+    )
+    check(losses)
+    nets.stepper.step(loss)
     if nets.disc is not None:  # the discriminator: real against generated
         real, fake = disc_losses(nets.ddp_disc, gt, g, ctx, amp)
-        nets.skipped += not training.optimizer_step(real + fake, nets.disc_optimizer, nets.disc_scaler)
-        losses |= {"perceptual": percep.item(), "disc_real": real.item(), "disc_fake": fake.item()}
+        check(disc := {"disc_real": real.item(), "disc_fake": fake.item()})
+        nets.disc_stepper.step(real + fake)
+        losses |= disc
     return losses, g
 
 
-def evaluate(nets: Networks, loader: DataLoader, ctx: training.Context, amp: str, max_batches: int) -> dict[str, float]:
+def evaluate(nets: Networks, loader: DataLoader, ctx: loop.Context, amp: str, max_batches: int) -> dict[str, float]:
     """Mean eval losses over up to `max_batches` val batches per rank, averaged over all ranks."""
     modules = [m for m in (nets.model, nets.disc) if m is not None]
     for m in modules:
@@ -262,7 +274,7 @@ def evaluate(nets: Networks, loader: DataLoader, ctx: training.Context, amp: str
             if i >= max_batches:
                 break
             x, indiv_mels, mel, gt = (t.to(ctx.device, non_blocking=True) for t in batch)
-            with training.autocast(ctx, amp):
+            with loop.autocast(ctx, amp):
                 g = nets.model(indiv_mels, x)
             g = g.float()
             losses = {"l1": F.l1_loss(g, gt), "sync_loss": sync_loss(nets.syncnet, mel, g, ctx, amp)}
@@ -274,7 +286,7 @@ def evaluate(nets: Networks, loader: DataLoader, ctx: training.Context, amp: str
             count += len(gt)
     for m in modules:
         m.train()
-    return training.all_reduce_mean(sums, count, ctx)
+    return loop.all_reduce_mean(sums, count, ctx)
 
 
 def save(
@@ -285,41 +297,46 @@ def save(
     hp, keep = config.hparams, config.keep_last
     extra = {"sync_weight": sync_weight.state_dict(), "gan": config.gan}
     if nets.disc is not None:
-        checkpoint_io.save(folder, nets.disc, nets.disc_optimizer, step, epoch, hp, prefix="disc_", keep_last=keep,
-                           last_good=good)  # fmt: skip
-    return checkpoint_io.save(folder, nets.model, nets.optimizer, step, epoch, hp, keep_last=keep, last_good=good,
-                              **extra)  # fmt: skip
+        run_folder.save(folder, nets.disc, nets.disc_stepper.optimizer, step, epoch, hp, prefix="disc_",
+                        keep_last=keep, last_good=good)  # fmt: skip
+    return run_folder.save(folder, nets.model, nets.stepper.optimizer, step, epoch, hp, keep_last=keep,
+                           last_good=good, **extra)  # fmt: skip
 
 
 def train(config: GeneratorConfig) -> GeneratorResult:
     """The whole run, from the config to the last checkpoint; returns where it stopped."""
     hp, disc_wt = config.hparams, config.hparams.disc_wt if config.gan else 0.0
-    with training.session(config) as (ctx, folder):
+    with loop.session(config) as (ctx, folder):
         train_set, val_set = (Wav2LipDataset(config.data_root, s, config.filelists_dir, hp) for s in ("train", "val"))
         gan_eval = min(EVAL_STEPS_GAN, math.ceil(len(val_set.videos) / hp.batch_size))
-        eval_steps = training.eval_batches(config.eval_steps, gan_eval if config.gan else EVAL_STEPS, ctx)
-        train_loader, val_loader = training.loaders(train_set, val_set, hp.batch_size, ctx, config, 4)
+        eval_steps = loop.eval_batches(config.eval_steps, gan_eval if config.gan else EVAL_STEPS, ctx)
+        train_loader, val_loader = loop.loaders(train_set, val_set, hp.batch_size, ctx, config, 4)
         nets, sync_weight, start = build_networks(config, ctx)
-        (step, epoch), evaluation, path = start, {}, None
-        good = config.checkpoint_path  # the last good checkpoint, for the message if the run diverges
 
+        def step(batch: list[torch.Tensor], check: Callable[[dict[str, float]], None]) -> tuple:
+            batch = [t.to(ctx.device, non_blocking=True) for t in batch]
+            losses, g = train_step(nets, batch, sync_weight.value, disc_wt, ctx, config.amp, check)
+            return losses, len(g), {"syncnet_wt": sync_weight.value, **nets.scalars()}, g
+
+        def save_all(step: int, epoch: int, batch: list[torch.Tensor], g: torch.Tensor) -> Path:
+            path = save(folder, nets, step, epoch, config, sync_weight, progress.good)
+            save_sample_images(batch[0], g, batch[3], step, folder)
+            return path
+
+        progress = loop.Progress(*start, good=config.checkpoint_path)
         banner = (f"generator{' + GAN' if config.gan else ''}: {len(train_set)} train / {len(val_set)} val windows, "
-                  f"{ctx.world_size} process(es) on {ctx.device}, from step {step}, syncnet_wt {sync_weight.value}")  # fmt: skip
-        with training.Monitor(folder, ctx, config, banner, step) as monitor:
-            for step, epoch, batch, last in training.steps(train_loader, *start, config.max_steps):
-                batch = [t.to(ctx.device, non_blocking=True) for t in batch]
-                losses, g = train_step(nets, batch, sync_weight.value, disc_wt, ctx, config.amp)
-                checkpoint_io.check_finite(step, losses, good)
-                lr, amp = nets.optimizer.param_groups[0]["lr"], training.amp_scalars(nets.scaler, nets.skipped)
-                monitor.trained(step, epoch, losses, len(g), syncnet_wt=sync_weight.value, lr=lr, **amp)
-                if step == 1 or step % hp.eval_interval == 0 or last:
-                    evaluation = evaluate(nets, val_loader, ctx, config.amp, eval_steps)
-                    checkpoint_io.check_finite(step, {f"eval {k}": v for k, v in evaluation.items()}, good)
-                    monitor.evaluated(step, evaluation, syncnet_wt=sync_weight.update(evaluation["sync_loss"]))
-                if (step % hp.checkpoint_interval == 0 or last) and ctx.is_main:
-                    good = path = save(folder, nets, step, epoch, config, sync_weight, good)
-                    save_sample_images(batch[0], g, batch[3], step, folder)
-            result = GeneratorResult(step, epoch, evaluation, path, nets.model, sync_weight.value, nets.disc)
+                  f"{ctx.world_size} process(es) on {ctx.device}, from step {progress.step}, "
+                  f"syncnet_wt {sync_weight.value}")  # fmt: skip
+        with loop.Monitor(folder, ctx, config, banner, progress.step) as monitor:
+            loop.run_loop(
+                train_loader, progress, config.max_steps, ctx, monitor, train_step=step, save=save_all,
+                evaluate=lambda: evaluate(nets, val_loader, ctx, config.amp, eval_steps),
+                eval_due=lambda step: step == 1 or step % hp.eval_interval == 0,
+                save_due=lambda step: step % hp.checkpoint_interval == 0,
+                evaluated=lambda evaluation: {"syncnet_wt": sync_weight.update(evaluation["sync_loss"])},
+            )  # fmt: skip
+            result = GeneratorResult(progress.step, progress.epoch, progress.evaluation, progress.path, nets.model,
+                                     sync_weight.value, nets.disc)  # fmt: skip
             monitor.finished(result)
         return result
 

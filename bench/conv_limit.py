@@ -10,13 +10,20 @@ that rate, whatever the framework; `fraction` puts a measured rate next to it.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/conv_limit.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import time
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from generation import generator_inputs
+from lipsync.generation import generator_inputs
 from models import Wav2Lip
 from models.conv import fold_batchnorm
 

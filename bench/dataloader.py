@@ -3,21 +3,27 @@
     python -m bench.dataloader                          # a synthetic LRS2-like set it makes itself
     python -m bench.dataloader --data_root lrs2_preprocessed/ --filelists_dir filelists/
 
-The original decoded `audio.wav` and recomputed the whole clip's mel spectrogram for every sample; data.py
+The original decoded `audio.wav` and recomputed the whole clip's mel spectrogram for every sample; datasets.py
 reads `mel.npy`, built once. Both ways run here on the same windows, in one process (no DataLoader
 workers, so the figures are per CPU core), and the ratio is printed. Target: ≥ 5×.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/dataloader.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import random
 import tempfile
 import time
-from pathlib import Path
 
-import data  # noqa: E402
 from tools.make_synthetic_lrs2 import make_dataset  # noqa: E402
+from training import datasets  # noqa: E402
 
 
 def samples_per_s(dataset, indices: list[int]) -> float:
@@ -41,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         if root is None:
             root, lists = Path(tmp), Path(tmp) / "filelists"
             make_dataset(root, speakers=3, videos_per_speaker=4, seconds=args.seconds, filelists_dir=lists)
-        for name, cls in (("expert", data.SyncDataset), ("generator", data.Wav2LipDataset)):
+        for name, cls in (("expert", datasets.SyncDataset), ("generator", datasets.Wav2LipDataset)):
             cached = cls(root, args.split, lists)
             recompute = cls(root, args.split, lists, cache_mel=False)
             indices = random.Random(0).sample(range(len(cached)), min(args.samples, len(cached)))

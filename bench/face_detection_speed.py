@@ -6,6 +6,13 @@ Runs on the test face image (and its mirror) with deterministic weights, on CUDA
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/face_detection_speed.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import time
 

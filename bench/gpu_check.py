@@ -23,6 +23,13 @@ exits 0, having imported every module the steps use.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/gpu_check.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import contextlib
 import csv
@@ -32,19 +39,16 @@ import json
 import math
 import platform
 import re
-import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import face_detection
-import video
 from bench import train_step
 from bench.gpu_steps import (
     FULL,
@@ -58,12 +62,13 @@ from bench.gpu_steps import (
     step_oom,
     step_s3fd_boxes,
 )
-from checkpoints import load_weights
-from devices import BatchLimit, in_chunks
-from errors import UserError, run_cli
-from files import write_text_atomic
+from common import video
+from common.atomic_files import write_text_atomic
+from common.devices import BatchLimit, in_chunks
+from common.errors import UserError, run_cli
+from common.weights import load_weights
+from lipsync.options import Options
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
-from options import Options
 
 NO_CUDA = "no CUDA device: nothing to check (the script imports and parses)"
 DEFAULT_BUDGET = 270.0  # seconds: with start-up and the report, the run ends within 5 minutes

@@ -30,14 +30,14 @@ import torch
 
 import face_detection
 import lipsync
-import video
 from bench.inference_speed import synthetic_clip
+from common import video
 from evaluation import lse, media
 from evaluation.syncnet import S, copy_parameters
 from face_detection import Box
-from frames import FrameSource
-from generation import batch_sizes, generator_workers
-from options import Options
+from lipsync.frames import FrameSource
+from lipsync.generation import batch_sizes, generator_workers
+from lipsync.options import ModelOptions, Options
 from tools.detweights import DATA, det_state_dict
 from tools.make_synthetic_lrs2 import make_dataset
 
@@ -146,9 +146,9 @@ class Run:
         """The generator and detector loaded once per (device, precision)."""
         key = (str(device), fp16)
         if key not in self._syncs:
-            self._syncs[key] = lipsync.LipSync(
-                self.wav2lip_checkpoint, str(device), fp16=fp16, detector_path=self.s3fd_weights, quiet=True
-            )
+            model = ModelOptions(checkpoint_path=self.wav2lip_checkpoint, device=str(device), fp16=fp16,
+                                 detector_path=self.s3fd_weights)  # fmt: skip
+            self._syncs[key] = lipsync.LipSync(model, quiet=True)
         return self._syncs[key]
 
     @cached_property
@@ -361,7 +361,9 @@ def step_oom(run: Run) -> tuple[str, dict]:
     """A batch far too large for the memory left: `Generator.limit` halves and the frames stay the same."""
     face, speech = run.clip
     box = run.center_box(face)
-    sync = lipsync.LipSync(run.wav2lip_checkpoint, str(run.device), quiet=True)  # a batch limit of its own
+    sync = lipsync.LipSync(
+        ModelOptions(checkpoint_path=run.wav2lip_checkpoint, device=str(run.device)), quiet=True
+    )  # a batch limit of its own
     want = lipsync_frames(sync, face, speech, run.tmp / "oom-ref.mp4", box=box)
     first = batch_sizes(len(want), HUGE_BATCH, generator_workers(run.device)[0])[0]
     fit = max(2, first // OOM_SHRINK)

@@ -17,21 +17,26 @@ Each case runs `inference.py --box ...` in a child process and reads its peak RS
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/inference_memory.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-import video
 from audio import save_wav
 from bench.inference_speed import synthetic_clip
-from options import Options
+from common import video
+from lipsync.options import Options
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,26 +20,31 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/inference_speed.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import lipsync
-import video
 from audio import save_wav
 from bench.conv_limit import conv_limit, fraction, generator_gflop
-from frames import FrameSource
-from generation import batch_sizes, generator_workers
-from options import BACKEND_CHOICES, Options
-from streams import ordered_map
+from common import video
+from lipsync.frames import FrameSource
+from lipsync.generation import batch_sizes, generator_workers
+from lipsync.options import BACKEND_CHOICES, ModelOptions, Options
+from lipsync.threads import ordered_map
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +163,8 @@ def main() -> None:
         torch.save(det_state_dict("s3fd"), detector_weights)
 
         loaded = time.perf_counter()
-        sync = lipsync.LipSync(checkpoint, args.device, detector_path=detector_weights, quiet=True)
+        model = ModelOptions(checkpoint_path=checkpoint, device=args.device, detector_path=detector_weights)
+        sync = lipsync.LipSync(model, quiet=True)
         load_seconds = time.perf_counter() - loaded
         info = video.probe(face)
         box = args.box or [info.height // 4, info.height * 3 // 4, info.width // 4, info.width * 3 // 4]

@@ -7,20 +7,26 @@ Deterministic SyncNet weights (no download needed); prints seconds per minute of
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/lse_speed.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import glob
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy.io import wavfile
 
-import video
-from devices import select_device
-from errors import run_cli
+from common import video
+from common.devices import select_device
+from common.errors import run_cli
 from evaluation import lse, media
 from evaluation.syncnet import S, copy_parameters
 from tools.detweights import det_state_dict

@@ -23,26 +23,34 @@ Deterministic weights: the speed is real, the faces are not.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/onnx_speed.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
-import onnx_backend
 from bench.conv_limit import conv_limit, fraction, generator_gflop, gflop_per_item
-from devices import tune_cpu_allocator
+from common.devices import tune_cpu_allocator
+from common.onnx_export import OnnxNet, export, open_session
 from face_detection.api import to_box
 from face_detection.detection.sfd import detect, load_net
 from face_detection.detection.sfd.detect import PIXEL_MEAN
 from face_detection.detection.sfd.sfd_detector import top_boxes
-from generation import CPU_BATCH_SIZE, Generator, batch_sizes, generator_workers
-from streams import ordered_map
+from lipsync.generation import CPU_BATCH_SIZE, Wav2LipTorch, batch_sizes, generator_workers
+from lipsync.onnx_models import SPECS, OnnxWav2Lip
+from lipsync.threads import ordered_map
 from tools.detweights import det_state_dict
 
 S3FD_SIZES = {"512": (512, 512), "1080p": (1080, 1920)}  # frame sizes (h, w) of the S3FD timings
@@ -66,11 +74,10 @@ def generator_ways(checkpoint: Path, onnx_path: Path, device: torch.device) -> d
     """name -> (predict, workers, threads each): the torch and ONNX Runtime generators in the pipeline's
     layout, and ONNX Runtime with every thread on one batch."""
     workers, threads = generator_workers(device)
-    whole = onnx_backend.OnnxGenerator(onnx_path, device, quiet=True, threads=workers * threads)
     return {
-        "torch": (Generator(checkpoint, device, quiet=True).predict, workers, threads),
-        "onnxruntime": (onnx_backend.OnnxGenerator(onnx_path, device, quiet=True).predict, workers, threads),
-        "onnxruntime, 1 batch x all threads": (whole.predict, 1, workers * threads),
+        "torch": (Wav2LipTorch(checkpoint, device), workers, threads),
+        "onnxruntime": (OnnxWav2Lip(onnx_path, device), workers, threads),
+        "onnxruntime, 1 batch x all threads": (OnnxWav2Lip(onnx_path, device, workers * threads), 1, workers * threads),
     }
 
 
@@ -125,7 +132,7 @@ def bench_s3fd(weights: Path, onnx_path: Path, device: torch.device, batch: int,
     frame size; post-processing (the same code for all three) timed apart; the top boxes compared."""
     net = load_net(weights, device)
     threads = torch.get_num_threads()
-    onnx_net = onnx_backend.OnnxNet(onnx_backend.open_session(onnx_path, "s3fd", device, threads))
+    onnx_net = OnnxNet(open_session(onnx_path, SPECS["s3fd"], device, threads))
     rng = np.random.default_rng(0)
     for h, w in sides:
         frames = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
@@ -192,11 +199,11 @@ def main() -> None:
             torch.save({"state_dict": det_state_dict("Wav2Lip")}, checkpoint)
         if not args.detector:
             torch.save(det_state_dict("s3fd"), detector)
-        w2l_onnx = onnx_backend.export("wav2lip", checkpoint, tmp / "wav2lip.onnx")
-        s3fd_onnx = onnx_backend.export("s3fd", detector, tmp / "s3fd.onnx")
+        w2l_onnx = export(SPECS["wav2lip"], checkpoint, tmp / "wav2lip.onnx")
+        s3fd_onnx = export(SPECS["s3fd"], detector, tmp / "s3fd.onnx")
         ways = generator_ways(checkpoint, w2l_onnx, device)
         n_frames = args.frames or 4 * args.batch_size * generator_workers(device)[0]
-        print(f"device {device}, torch {torch.__version__}, onnxruntime {onnx_backend.ort.__version__}")
+        print(f"device {device}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
         limits = bench_generator(ways, n_frames, args.batch_size, args.rounds)
         print(f"  the fp32 convolution limit per round (bench.conv_limit): {', '.join(f'{v:.0f}' for v in limits)} "
               "GFLOP/s per core")  # fmt: skip

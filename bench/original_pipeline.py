@@ -19,10 +19,16 @@ the baseline is, if anything, flattered. The last line printed is the frames/s.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/original_pipeline.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import av
 import cv2
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 
 import audio
-from checkpoints import load_model
+from common.weights import load_model
 from models import Wav2Lip
 
 IMG_SIZE = 96

@@ -16,11 +16,17 @@ session's frame at each tick, as the server's video tracks do (without their VP8
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/realtime.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +34,10 @@ import torch
 import audio
 import lipsync
 from bench.inference_speed import generator_fps, synthetic_clip
-from live import DEFAULT_BUDGET_MS, LIVE_BATCH, Engine, LiveSession, single_threaded_blas
-from streaming import LOOKAHEAD_S, prepare_avatar
+from lipsync.options import ModelOptions
+from live.options import LiveOptions
+from live.sessions import LiveSession, SharedGenerator, single_threaded_blas
+from live.stream import LOOKAHEAD_S, prepare_avatar
 from tools.detweights import det_state_dict
 
 CHUNK_S = 0.02
@@ -37,11 +45,12 @@ CHUNK_S = 0.02
 
 def run_sessions(sync, avatar, wav: np.ndarray, n: int, budget_ms: float, batch: int) -> dict:
     """`n` sessions saying `wav` at once, in real time; their figures."""
-    engine = Engine(sync.generator, batch, clock=time.perf_counter, hp=sync.hp)
+    shared = SharedGenerator(sync.generator, batch, clock=time.perf_counter, hp=sync.hp)
     chunk = round(CHUNK_S * sync.hp.sample_rate)
     t0 = time.perf_counter()
     start = t0 + CHUNK_S + LOOKAHEAD_S + budget_ms / 1000
-    sessions = [LiveSession(avatar, engine, budget_ms=budget_ms, start=start) for _ in range(n)]
+    live = LiveOptions(latency_budget_ms=budget_ms, live_batch=batch)
+    sessions = [LiveSession(avatar, shared, live, start=start) for _ in range(n)]
     for s in sessions:
         s.begin(first_tick=0)
     n_frames = int(len(wav) / sync.hp.sample_rate * avatar.fps)
@@ -63,7 +72,7 @@ def run_sessions(sync, avatar, wav: np.ndarray, n: int, budget_ms: float, batch:
         for s in sessions:
             s.feed(wav[i : i + chunk])
     viewer.join()
-    engine.close()
+    shared.close()
     return figures(sessions, len(wav) / sync.hp.sample_rate)
 
 
@@ -89,8 +98,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="seconds of speech each session says")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--size", type=int, default=512, help="the avatar's width and height")
-    p.add_argument("--budget_ms", type=float, default=DEFAULT_BUDGET_MS)
-    p.add_argument("--batch", type=int, default=LIVE_BATCH, help="frames per generator call (live)")
+    p.add_argument("--budget_ms", type=float, default=LiveOptions().latency_budget_ms)
+    p.add_argument("--batch", type=int, default=LiveOptions().live_batch, help="frames per generator call (live)")
     args = p.parse_args()
     single_threaded_blas()
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +107,7 @@ def main() -> None:
         face, speech = synthetic_clip(folder, 4.0, args.size, args.size)
         checkpoint = folder / "wav2lip_det.pth"
         torch.save({"state_dict": det_state_dict("Wav2Lip")}, checkpoint)
-        sync = lipsync.LipSync(checkpoint, "cpu", quiet=True)
+        sync = lipsync.LipSync(ModelOptions(checkpoint_path=checkpoint, device="cpu"), quiet=True)
         quarter = args.size // 4
         avatar = prepare_avatar(sync, face, box=(quarter, 3 * quarter, quarter, 3 * quarter), quiet=True)
         wav = np.tile(audio.load_wav(speech, sync.hp.sample_rate), int(np.ceil(args.seconds / 4.0)))

@@ -11,6 +11,13 @@ perceptual loss and its own step.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python bench/train_step.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import time
 from collections.abc import Callable
@@ -18,9 +25,9 @@ from collections.abc import Callable
 import torch
 
 import color_syncnet_train
-import training
 import wav2lip_train
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
+from training import loop
 
 
 def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> float:
@@ -37,34 +44,34 @@ def timed(step: Callable[[], object], warmup: int, steps: int, device: torch.dev
     return (time.perf_counter() - start) / steps
 
 
-def expert_step(expert: SyncNet_color, batch: int, ctx: training.Context, amp: str) -> Callable[[], None]:
+def expert_step(expert: SyncNet_color, batch: int, ctx: loop.Context, amp: str) -> Callable[[], None]:
     """One training step of the expert on a fixed random batch, as color_syncnet_train.py takes it."""
     dev = ctx.device
     x, mel = torch.rand(batch, 15, 48, 96, device=dev), torch.randn(batch, 1, 80, 16, device=dev)
     data = (x, mel, torch.ones(batch, 1, device=dev))  # faces, mel, label "in sync"
-    optimizer, scaler = torch.optim.Adam(expert.parameters(), 1e-4), training.grad_scaler(ctx, amp)
+    optimizer, scaler = torch.optim.Adam(expert.parameters(), 1e-4), loop.grad_scaler(ctx, amp)
 
     def step() -> None:
-        training.optimizer_step(color_syncnet_train.loss_of(expert, data, ctx, amp), optimizer, scaler)
+        loop.optimizer_step(color_syncnet_train.loss_of(expert, data, ctx, amp), optimizer, scaler)
 
     return step
 
 
-def generator_step(expert: SyncNet_color, batch: int, gan: bool, ctx: training.Context, amp: str) -> Callable[[], None]:
+def generator_step(expert: SyncNet_color, batch: int, gan: bool, ctx: loop.Context, amp: str) -> Callable[[], None]:
     """One step of wav2lip_train.py's loop (generator, then with `gan` the discriminator), sync loss on."""
     dev = ctx.device
     gen = Wav2Lip().to(dev)
     disc = Wav2Lip_disc_qual().to(dev) if gan else None
     nets = wav2lip_train.Networks(
         model=gen,
-        optimizer=torch.optim.Adam(gen.parameters(), 1e-4),
+        stepper=loop.Stepper(torch.optim.Adam(gen.parameters(), 1e-4), loop.grad_scaler(ctx, amp)),
         syncnet=expert.requires_grad_(False),
         disc=disc,
-        disc_optimizer=torch.optim.Adam(disc.parameters(), 1e-4) if disc is not None else None,
+        disc_stepper=loop.Stepper(torch.optim.Adam(disc.parameters(), 1e-4), loop.grad_scaler(ctx, amp))
+        if disc is not None
+        else None,
         ddp_model=gen,
         ddp_disc=disc,
-        scaler=training.grad_scaler(ctx, amp),
-        disc_scaler=training.grad_scaler(ctx, amp),
     )
     faces, gt = torch.rand(batch, 6, 5, 96, 96, device=dev), torch.rand(batch, 3, 5, 96, 96, device=dev)
     indiv, mel = torch.randn(batch, 5, 1, 80, 16, device=dev), torch.randn(batch, 1, 80, 16, device=dev)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gan", action="store_true")
     args = parser.parse_args(argv)
-    ctx = training.setup(args.device)
+    ctx = loop.setup(args.device)
     dev = ctx.device
 
     expert, b = SyncNet_color().to(dev), args.expert_batch

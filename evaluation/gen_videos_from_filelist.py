@@ -15,6 +15,13 @@ original skips them.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python evaluation/gen_videos_from_filelist.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import dataclasses
 import os
@@ -22,18 +29,17 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from devices import shard, torchrun_rank
-from errors import UserError, run_cli
-from files import check_writable
+from common.atomic_files import check_writable
+from common.devices import shard, torchrun_rank
+from common.errors import UserError, run_cli
 from hparams import HParams, add_hparams_argument, from_argument, hparams
-from options import ModelOptions, Options, add_arguments, from_namespace
+from lipsync.options import ModelOptions, Options, add_arguments, from_namespace
 
 Generate = Callable[[str, str, str], None]  # (face video, audio source, output file)
 # The original evaluation script's own defaults, which its published LSE figures were made with: no padding,
 # and S3FD batches of 64 (which anchors S3FD considers depends on the whole batch). Every other option is
 # inference.py's, from the one declaration in options.py.
 PROTOCOL_DEFAULTS = {"pads": (0, 0, 0, 0), "face_det_batch_size": 64}
-BACKEND_FIELDS = ("backend", "onnx_path", "detector_onnx_path")  # ModelOptions passed to LipSync as they are
 PER_CLIP_OPTIONS = [f.name for f in dataclasses.fields(Options) if f.name != "quiet"]  # quiet: one bar for the list
 
 
@@ -54,16 +60,11 @@ def read_pairs(filelist: str | os.PathLike, data_root: str | os.PathLike) -> lis
     return pairs
 
 
-def lipsync_generator(
-    checkpoint_path: str, device: str = "auto", detector_path: str | None = None, hp: HParams = hparams,
-    models: dict | None = None, **options,
-) -> Generate:  # fmt: skip
-    """The inference pipeline of `lipsync.py`, with detector and generator loaded once for the whole list;
-    `models`: more of `ModelOptions` (backend, onnx_path, detector_onnx_path)."""
-    from lipsync import LipSync
+def lipsync_generator(model: ModelOptions, hp: HParams = hparams, **options) -> Generate:
+    """The inference pipeline of `lipsync`, with detector and generator loaded once for the whole list."""
+    from lipsync.pipeline import LipSync
 
-    runner = LipSync(checkpoint_path, device=device, detector_path=detector_path, hp=hp,
-                     cache_dir=options.get("cache_dir"), **(models or {}))  # fmt: skip
+    runner = LipSync(model, hp=hp)
     return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 
@@ -96,8 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filelist", required=True, help="filelist of '<audio source> <video target>' lines")
     p.add_argument("--results_dir", required=True, help="folder for <line index>.mp4 outputs")
     p.add_argument("--data_root", required=True, help="dataset root the filelist paths are relative to")
-    add_arguments(p, ModelOptions, only=("checkpoint_path", "device", "detector_path", *BACKEND_FIELDS),
-                  required=("checkpoint_path",))  # fmt: skip
+    add_arguments(p, ModelOptions, required=("checkpoint_path",))
     add_arguments(p, Options, only=PER_CLIP_OPTIONS, defaults=PROTOCOL_DEFAULTS)
     add_hparams_argument(p)
     return p.parse_args(argv)
@@ -107,14 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pairs = read_pairs(args.filelist, args.data_root)
     rank = torchrun_rank()
-    generate = lipsync_generator(
-        args.checkpoint_path,
-        str(rank.local_device(args.device)),  # under torchrun, this rank's own GPU
-        args.detector_path,
-        from_argument(args.hparams),
-        {name: getattr(args, name) for name in BACKEND_FIELDS},
-        **from_namespace(Options, args),
-    )
+    model = ModelOptions(**from_namespace(ModelOptions, args) | {"device": str(rank.local_device(args.device))})
+    generate = lipsync_generator(model, from_argument(args.hparams), **from_namespace(Options, args))
     report = generate_all(pairs, args.results_dir, generate, shard(range(len(pairs)), rank))
     print(
         f"rank {rank.rank}/{rank.world_size}: {len(report['done'])} generated, {len(report['skipped'])} already there, "

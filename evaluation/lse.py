@@ -22,10 +22,10 @@ import python_speech_features
 import torch
 from tqdm import tqdm
 
-from errors import UserError
+from common.atomic_files import atomic_path, check_writable, write_text_atomic
+from common.errors import UserError
 from evaluation import media
 from evaluation.syncnet import S
-from files import atomic_path, check_writable, write_text_atomic
 
 FRAME_SIZE = 224  # SyncNet's input resolution; the original resizes every frame to it
 WINDOW_FRAMES = 5  # frames per lip window
@@ -36,6 +36,7 @@ SAMPLES_PER_FRAME = media.SAMPLE_RATE // media.FPS  # 640 audio samples per vide
 MIN_FRAMES = WINDOW_FRAMES + 1  # the original stops one window early, so 6 frames give one window
 DEFAULT_VSHIFT = 15  # frames of audio shift searched each way (calculate_scores_LRS.py's default)
 DEFAULT_BATCH_SIZE = 20
+BACKENDS = ("torch", "onnxruntime")  # what runs SyncNet
 PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance adds it to the difference
 
 
@@ -185,6 +186,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
     parser.add_argument("--lossless", action="store_true", help="skip the JPEG round trip of the original")
     parser.add_argument("--out", help=f"write per-{rows} scores to this .json or .csv file")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (auto: CUDA when available)")
+    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="run SyncNet in PyTorch or ONNX Runtime")
+    parser.add_argument("--onnx_path", help="with --backend onnxruntime: SyncNet's .onnx (export_onnx.py --model "
+                        "syncnet); default: exported from --initial_model once, into the cache")  # fmt: skip
+    parser.add_argument("--cache_dir", help="where that export is cached, in onnx/ (default: ~/.cache/wav2lip/onnx)")
 
 
 def check_results_path(out: str | os.PathLike) -> None:

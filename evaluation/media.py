@@ -19,8 +19,8 @@ import av
 import cv2
 import numpy as np
 
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
 
 SAMPLE_RATE = 16000  # Hz, syncnet_python's `-ar 16000`
 FPS = 25  # syncnet_python's protocol (`ffmpeg -r 25`): the frame rate its windows and audio slices assume

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from checkpoints import safe_load
-from errors import UserError
+from common.errors import UserError
+from common.weights import safe_load
 
 EMBED_DIM = 1024  # num_layers_in_fc_layers of the released syncnet_v2.model
 MODEL_URL = "http://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model"

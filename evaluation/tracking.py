@@ -28,8 +28,8 @@ import torch
 from scipy import signal
 
 import face_detection
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
 from evaluation import lse, media
 from face_detection import Box
 from face_detection.detection.sfd import sfd_face

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 from .detection.core import FaceDetector
 from .detection.sfd import SFDDetector

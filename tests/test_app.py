@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-import app
 import inference
-from errors import UserError
-from options import Options
+from common.errors import UserError
+from lipsync.options import Options
 from tests.media import FakeDetector, face_frame, read_output, write_video, write_wav
 from tools.detweights import det_state_dict
+from webapp import controls, jobs, page
 
 FRAMES, SECONDS = 15, 0.6  # a 160x128 clip of 0.6 s at 25 fps, and speech as long
 BOX = "20 100 30 120"  # top bottom left right, inside the test frames
@@ -73,7 +73,7 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(media, wav2lip_checkpoint, workspace) -> Iterator[str]:
     """The app on 127.0.0.1 (no share link), stopped when the module's tests are done."""
-    demo = app.build_app(str(wav2lip_checkpoint), syncnet_model=str(media["syncnet"]), detector=FakeDetector(),
+    demo = page.build_app(str(wav2lip_checkpoint), syncnet_model=str(media["syncnet"]), detector=FakeDetector(),
                          work_dir=workspace)  # fmt: skip
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
@@ -83,26 +83,26 @@ def server(media, wav2lip_checkpoint, workspace) -> Iterator[str]:
         demo.close()
 
 
-def make_app(tmp_path: Path) -> app.App:
-    return app.App(app.Models(None, FakeDetector(), None), app.Workspace(tmp_path / "workspace"))
+def make_app(tmp_path: Path) -> jobs.App:
+    return jobs.App(jobs.Models(None, FakeDetector(), None), jobs.Workspace(tmp_path / "workspace"))
 
 
 # ---------------------------------------------------------------- the options and the preview
 
 
 def test_controls_come_from_the_one_declaration():
-    fields = app.page_fields()
+    fields = controls.page_fields()
     assert "pads" in fields and "box" in fields and "device" in fields and "quiet" not in fields
     for name, (f, hint) in fields.items():
-        control = app.control(f, hint)
+        control = controls.control(f, hint)
         assert control.label == name and control.info == f.metadata["help"]
-        assert app.option_value(f, hint, control.value) == f.default  # the control starts at the declared default
+        assert controls.option_value(f, hint, control.value) == f.default  # the control starts at the declared default
     f, hint = fields["box"]
-    assert app.option_value(f, hint, "130 480 140 440") == (130, 480, 140, 440)
+    assert controls.option_value(f, hint, "130 480 140 440") == (130, 480, 140, 440)
     with pytest.raises(UserError, match="--pads 'a b'"):
-        app.option_value(*fields["pads"], "a b")
+        controls.option_value(*fields["pads"], "a b")
     with pytest.raises(UserError, match="--box takes 4 integers"):
-        Options(**app.split_options({"checkpoint_path": "x.pth", "box": "1 2 3"})[2])
+        Options(**controls.split_options({"checkpoint_path": "x.pth", "box": "1 2 3"})[1])
 
 
 def test_preview_draws_the_face_box_and_the_mouth_crop(media, wav2lip_checkpoint, tmp_path):
@@ -134,7 +134,7 @@ def test_cancel_stops_the_job_and_leaves_no_file(media, wav2lip_checkpoint, tmp_
             web.cancel(request)
 
     options = {"checkpoint_path": str(wav2lip_checkpoint)}
-    with pytest.raises(app.JobCancelledError):
+    with pytest.raises(jobs.JobCancelledError):
         web.run(str(media["video"]), str(media["speech"]), options, request.session_hash, progress)
     assert f"detecting faces: {FRAMES}/{FRAMES} frames" in seen and not web.cancel_flags
     assert [p for p in web.workspace.root.rglob("*") if p.is_file()] == []  # no partial file
@@ -143,16 +143,16 @@ def test_cancel_stops_the_job_and_leaves_no_file(media, wav2lip_checkpoint, tmp_
 
 
 def test_one_generation_at_a_time(wav2lip_checkpoint, tmp_path):
-    demo = app.build_app(str(wav2lip_checkpoint), detector=FakeDetector(), work_dir=tmp_path)
+    demo = page.build_app(str(wav2lip_checkpoint), detector=FakeDetector(), work_dir=tmp_path)
     jobs = {fn.name: fn for fn in demo.fns.values() if fn.name in ("generate", "lipsync")}
     assert jobs["lipsync"].api_name == "lipsync" and jobs["generate"].api_visibility == "private"
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in jobs.values()} == {("generate", 1)}  # page and API
 
 
 def test_workspace_keeps_the_newest_jobs(tmp_path):
-    workspace = app.Workspace(tmp_path)
-    folders = [workspace.new_job() for _ in range(app.KEEP_JOBS + 3)]
-    assert sorted(workspace.jobs.iterdir()) == folders[-app.KEEP_JOBS :]
+    workspace = jobs.Workspace(tmp_path)
+    folders = [workspace.new_job() for _ in range(jobs.KEEP_JOBS + 3)]
+    assert sorted(workspace.jobs.iterdir()) == folders[-jobs.KEEP_JOBS :]
 
 
 # ---------------------------------------------------------------- /lipsync through gradio_client
@@ -169,7 +169,7 @@ def test_lipsync_api_equals_inference(server, media, wav2lip_checkpoint, tmp_pat
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert list(api) == ["/lipsync"]
     assert [p["parameter_name"] for p in api["/lipsync"]["parameters"]] == ["face", "audio", "checkpoint_path",
-                                                                            *app.page_fields()]  # fmt: skip
+                                                                            *controls.page_fields()]  # fmt: skip
     with pytest.raises(gradio_client.exceptions.AppError, match="missing.pth: file not found"):
         client.predict(face, speech, checkpoint_path=str(media["dir"] / "missing.pth"), api_name="/lipsync")
     got = client.predict(face, speech, box=BOX, blend="feather", pads="0 5 0 0", api_name="/lipsync")

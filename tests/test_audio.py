@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import audio
-from errors import UserError
+from common.errors import UserError
 from tools.detweights import DATA, assert_stats, load_golden
 
 GOLDEN = load_golden("audio")

@@ -8,7 +8,7 @@ import torch
 
 from bench.conv_limit import conv_rate, fraction, generator_gflop, gflop_per_item
 from face_detection.detection.sfd.net_s3fd import s3fd
-from generation import generator_inputs
+from lipsync.generation import generator_inputs
 from models import Wav2Lip
 from models.conv import fold_batchnorm
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 import models
-from errors import UserError
+from common import weights as checkpoints
+from common.errors import UserError
 from hparams import hparams
 from tools.detweights import det_state_dict
 

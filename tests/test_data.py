@@ -1,4 +1,4 @@
-"""data.py keeps the original's windows and speech alignment, and reads each clip's mel once."""
+"""datasets.py keeps the original's windows and speech alignment, and reads each clip's mel once."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import audio
-import data
-from errors import UserError
+from common.errors import UserError
 from hparams import hparams
 from tools.make_synthetic_lrs2 import make_dataset
+from training import datasets
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,16 @@ def copy(synth, tmp_path) -> Path:
 
 
 def test_windows_count_and_len(copy):
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     # 2 s at 25 fps = 50 frames → 46 windows of 5; the last windows' speech must fit in 161 mel columns
     assert len(ds) == sum(len(v.starts) for v in ds.videos)
     assert all(len(v.frame_windows) == 46 for v in ds.videos)
-    n_mel = data.load_mel(ds.videos[0].folder).shape[1]
+    n_mel = datasets.load_mel(ds.videos[0].folder).shape[1]
     assert n_mel == 1 + 32000 // 200
     for v in ds.videos:
         last = int(v.starts[-1])
-        assert data.mel_start(last, 25) + 16 <= n_mel
-    gen = data.Wav2LipDataset(copy, "train", copy / "filelists")
+        assert datasets.mel_start(last, 25) + 16 <= n_mel
+    gen = datasets.Wav2LipDataset(copy, "train", copy / "filelists")
     assert all(v.starts[0] == 1 for v in gen.videos)  # get_segmented_mels needs frame - 1 >= 0
 
 
@@ -49,16 +49,16 @@ def test_crop_audio_window_matches_the_original_formula():
     mel = np.arange(80 * 300, dtype=np.float32).reshape(80, 300)
     for frame in (0, 1, 3, 7, 24, 50):
         start = int(80.0 * (frame / float(25)))
-        np.testing.assert_array_equal(data.crop_audio_window(mel, frame, 25), mel[:, start : start + 16])
-    segs = data.get_segmented_mels(mel, 10, 25)
+        np.testing.assert_array_equal(datasets.crop_audio_window(mel, frame, 25), mel[:, start : start + 16])
+    segs = datasets.get_segmented_mels(mel, 10, 25)
     assert segs.shape == (5, 80, 16)
     for k in range(5):  # frame 10+k: window from frame 10+k-1
-        np.testing.assert_array_equal(segs[k], data.crop_audio_window(mel, 10 + k - 1, 25))
-    assert data.get_segmented_mels(mel, 0, 25) is None
+        np.testing.assert_array_equal(segs[k], datasets.crop_audio_window(mel, 10 + k - 1, 25))
+    assert datasets.get_segmented_mels(mel, 0, 25) is None
 
 
 def test_expert_sample(copy):
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     ys = set()
     for i in range(0, len(ds), 7):
         x, mel, y = ds[i]
@@ -69,30 +69,30 @@ def test_expert_sample(copy):
     # a positive: the lower halves of frames start..start+4, BGR, frame-major on channels
     video, start = ds.locate(3)
     window = ds.read_window(video.folder, start)
-    x = data.to_sync_input(window)
+    x = datasets.to_sync_input(window)
     np.testing.assert_allclose(x[3:6].numpy(), window[1, 48:].transpose(2, 0, 1) / 255.0, atol=1e-6)
 
 
 def test_generator_sample(copy):
-    ds = data.Wav2LipDataset(copy, "train", copy / "filelists")
+    ds = datasets.Wav2LipDataset(copy, "train", copy / "filelists")
     x, indiv, mel, gt = ds[5]
     assert x.shape == (6, 5, 96, 96) and indiv.shape == (5, 1, 80, 16) and mel.shape == (1, 80, 16)
     assert gt.shape == (3, 5, 96, 96)
     assert torch.all(x[:3, :, 48:] == 0) and torch.equal(x[:3, :, :48], gt[:, :, :48])
     video, start = ds.locate(5)
-    full = data.load_mel(video.folder)
-    np.testing.assert_array_equal(mel[0].numpy(), data.crop_audio_window(full, start, 25))
-    np.testing.assert_array_equal(indiv[2, 0].numpy(), data.crop_audio_window(full, start + 1, 25))
+    full = datasets.load_mel(video.folder)
+    np.testing.assert_array_equal(mel[0].numpy(), datasets.crop_audio_window(full, start, 25))
+    np.testing.assert_array_equal(indiv[2, 0].numpy(), datasets.crop_audio_window(full, start + 1, 25))
 
 
 def test_mel_cache_is_built_once_and_equals_recomputing(copy):
     folder = copy / "spk00" / "00000"
     assert not (folder / "mel.npy").exists()
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     ds[0]
     cache = folder / "mel.npy"
     assert cache.is_file() and not list(folder.glob(".mel.*"))
-    np.testing.assert_array_equal(np.load(cache), data.compute_mel(folder / "audio.wav"))
+    np.testing.assert_array_equal(np.load(cache), datasets.compute_mel(folder / "audio.wav"))
     mtime = cache.stat().st_mtime_ns
     for i in range(10):
         ds[i]
@@ -100,9 +100,9 @@ def test_mel_cache_is_built_once_and_equals_recomputing(copy):
 
 
 def test_mel_cache_name_depends_on_audio_hparams():
-    assert data.mel_cache_name(hparams) == "mel.npy"
-    assert data.mel_cache_name(hparams.parse("fmin=40")).startswith("mel_")
-    assert data.mel_cache_name(hparams.parse("batch_size=3")) == "mel.npy"
+    assert datasets.mel_cache_name(hparams) == "mel.npy"
+    assert datasets.mel_cache_name(hparams.parse("fmin=40")).startswith("mel_")
+    assert datasets.mel_cache_name(hparams.parse("batch_size=3")) == "mel.npy"
 
 
 def test_original_preprocessed_dataset_with_44k_audio_trains_without_reprocessing(tmp_path):
@@ -112,9 +112,9 @@ def test_original_preprocessed_dataset_with_44k_audio_trains_without_reprocessin
                  sample_rate=44100)  # fmt: skip
     folder = root / "spk00" / "00000"
     assert not (folder / "mel.npy").exists()
-    predicted = data.mel_length(folder)  # from the wav header, before any decoding
-    ds = data.Wav2LipDataset(root, "train", root / "filelists")
-    assert predicted == data.load_mel(folder).shape[1]
+    predicted = datasets.mel_length(folder)  # from the wav header, before any decoding
+    ds = datasets.Wav2LipDataset(root, "train", root / "filelists")
+    assert predicted == datasets.load_mel(folder).shape[1]
     for i in range(len(ds)):
         ds[i]
 
@@ -122,7 +122,7 @@ def test_original_preprocessed_dataset_with_44k_audio_trains_without_reprocessin
 def test_frame_index_comes_from_the_file_name(copy):
     folder = copy / "spk00" / "00000"
     (folder / "20.jpg").unlink()  # a frame without a face: windows 16..20 are gone
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     video = next(v for v in ds.videos if v.folder == folder)
     assert not set(range(16, 21)) & set(video.frame_windows.tolist())
     assert {15, 21} <= set(video.frame_windows.tolist())
@@ -131,14 +131,14 @@ def test_frame_index_comes_from_the_file_name(copy):
 def test_short_videos_are_left_out(copy):
     folder = copy / "spk00" / "00000"
     for f in folder.glob("*.jpg"):
-        if data.frame_id(f.name) >= 15:
+        if datasets.frame_id(f.name) >= 15:
             f.unlink()
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     assert folder not in [v.folder for v in ds.videos]
 
 
 def test_neg_min_offset(copy):
-    ds = data.SyncDataset(copy, "train", copy / "filelists", neg_min_offset=10)
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists", neg_min_offset=10)
     video = ds.videos[0]
     for start in (0, 20, 40):
         for _ in range(30):
@@ -148,7 +148,7 @@ def test_neg_min_offset(copy):
 def test_bad_image_is_reported_once_and_skipped(copy, capsys):
     folder = copy / "spk00" / "00001"
     (folder / "7.jpg").write_bytes(b"not a jpeg")
-    ds = data.Wav2LipDataset(copy, "train", copy / "filelists")
+    ds = datasets.Wav2LipDataset(copy, "train", copy / "filelists")
     samples = [ds[i] for i in range(len(ds))]
     assert len(samples) == len(ds)
     err = capsys.readouterr().err
@@ -157,7 +157,7 @@ def test_bad_image_is_reported_once_and_skipped(copy, capsys):
 
 
 def test_every_video_unreadable_stops_with_an_error(copy):
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     for v in ds.videos:
         for f in v.folder.glob("*.jpg"):
             f.write_bytes(b"")
@@ -167,42 +167,42 @@ def test_every_video_unreadable_stops_with_an_error(copy):
 
 def test_missing_filelist(copy):
     with pytest.raises(UserError, match=r"train\.txt: filelist not found"):
-        data.SyncDataset(copy, "train", copy / "nowhere")
+        datasets.SyncDataset(copy, "train", copy / "nowhere")
 
 
 def test_missing_data_root(copy):
     with pytest.raises(UserError, match="data root not found"):
-        data.SyncDataset(copy / "nope", "train", copy / "filelists")
+        datasets.SyncDataset(copy / "nope", "train", copy / "filelists")
 
 
 def test_filelist_entry_without_folder(copy, capsys):
     with open(copy / "filelists" / "train.txt", "a") as f:
         f.write("spk09/00042\n")
-    ds = data.SyncDataset(copy, "train", copy / "filelists")  # skipped with a warning (issue 14)
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")  # skipped with a warning (issue 14)
     assert len(ds.videos) == 2 and "1 of 3 entries have no folder" in capsys.readouterr().err
     (copy / "filelists" / "train.txt").write_text("spk09/00042\n")
     with pytest.raises(UserError, match=r"1 of 1 entries have no folder .*spk09/00042"):
-        data.SyncDataset(copy, "train", copy / "filelists")
+        datasets.SyncDataset(copy, "train", copy / "filelists")
 
 
 def test_empty_dataset_after_filtering(copy):
     for f in copy.glob("spk00/*/*.jpg"):
-        if data.frame_id(f.name) % 3 == 0:
+        if datasets.frame_id(f.name) % 3 == 0:
             f.unlink()  # no 5 consecutive frames anywhere
     with pytest.raises(UserError, match="no usable window"):
-        data.SyncDataset(copy, "train", copy / "filelists")
+        datasets.SyncDataset(copy, "train", copy / "filelists")
 
 
 def test_filelist_lines_as_the_original(copy):
     (copy / "filelists" / "train.txt").write_text("spk00/00000 123\n\nspk00/00001\n")
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     assert [v.folder.name for v in ds.videos] == ["00000", "00001"]
 
 
 def test_concurrent_cache_builders_leave_one_whole_file(copy):
     """Several DataLoader workers build the same clip's cache at once."""
     folder = copy / "spk01" / "00000"
-    ds = data.SyncDataset(copy, "val", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "val", copy / "filelists")
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
     for _ in loader:
         pass
@@ -217,11 +217,11 @@ def test_read_only_dataset_still_works(copy, monkeypatch):
     def read_only(path, **kwargs):
         raise PermissionError(13, "Read-only file system", str(path))
 
-    monkeypatch.setattr(data, "atomic_path", read_only)
-    mel = data.load_mel(folder)
+    monkeypatch.setattr(datasets, "atomic_path", read_only)
+    mel = datasets.load_mel(folder)
     assert mel.shape == (80, 161) and not (folder / "mel.npy").exists()
-    np.testing.assert_array_equal(mel, data.compute_mel(folder / "audio.wav"))
+    np.testing.assert_array_equal(mel, datasets.compute_mel(folder / "audio.wav"))
 
 
 def test_audio_step_constant():
-    assert data.SYNCNET_MEL_STEP_SIZE == audio.MEL_STEP_SIZE == 16
+    assert datasets.SYNCNET_MEL_STEP_SIZE == audio.MEL_STEP_SIZE == 16

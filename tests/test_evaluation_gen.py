@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import UserError
+from common.errors import UserError
 from evaluation import gen_videos_from_filelist as gen
 
 
@@ -24,7 +24,7 @@ def test_torchrun_ranks_generate_every_line_once(tmp_path, monkeypatch):
     (tmp_path / "list.txt").write_text("".join(f"spk/a{i} spk/v{i}\n" for i in range(7)))
     made: dict[int, list[str]] = {}
 
-    def fake_generator(checkpoint_path, device, *args, **kwargs):
+    def fake_generator(model, *args, **kwargs):
         rank = gen.torchrun_rank().rank
 
         def generate(face, audio, out):
@@ -64,7 +64,7 @@ def test_generate_all_resumes_and_skips_failures(tmp_path):
 
 def test_end_to_end_through_the_inference_api(tmp_path, wav2lip_checkpoint, s3fd_weights):
     """The real pipeline (deterministic Wav2Lip and S3FD weights): one model load, resume on a second run."""
-    import video
+    from common import video
     from tests.media import write_video, write_wav
 
     root = tmp_path / "lrs2"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from errors import UserError
+from common.errors import UserError
 from evaluation import lse, media
 from evaluation.syncnet import S, copy_parameters
 from tests.media import write_mpeg4

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from errors import UserError
+from common.errors import UserError
 from evaluation import tracking
 from face_detection.detection.sfd import sfd_face
 from face_detection.detection.sfd.net_s3fd import L2Norm, s3fd

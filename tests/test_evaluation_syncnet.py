@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from errors import UserError
+from common.errors import UserError
 from evaluation.syncnet import S, copy_parameters, load_syncnet
 from tools.detweights import assert_stats, det_state_dict, formula_input, load_golden, load_spec
 

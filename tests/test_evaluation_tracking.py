@@ -104,7 +104,7 @@ def test_crop_outside_frame_is_grey():
 def test_syncnet_python_detector_file_is_refused(tmp_path):
     import torch
 
-    from errors import UserError
+    from common.errors import UserError
 
     torch.save({"vgg.0.weight": torch.zeros(1)}, tmp_path / "sfd_face.pth")
     with pytest.raises(UserError, match="sfd_face.pth: this is syncnet_python's own S3FD"):

@@ -12,16 +12,19 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-import frames
-import lipsync
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
+from lipsync import frames
+from lipsync import pipeline as lipsync
+from lipsync.options import ModelOptions
 from tests.media import FakeDetector, face_frame, read_output, speech, write_video, write_wav
 
 
 @pytest.fixture(scope="module")
 def sync(wav2lip_checkpoint) -> lipsync.LipSync:
-    return lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+    return lipsync.LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True
+    )
 
 
 def float_wav(path: Path, samples: np.ndarray, sr: int = 16000) -> Path:

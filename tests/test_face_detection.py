@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import face_detection
-from errors import UserError
+from common.errors import UserError
 from face_detection.api import to_box
 from face_detection.detection.sfd import bbox, default_weights_path, load_net, sfd_detector
 from face_detection.detection.sfd.detect import batch_detect

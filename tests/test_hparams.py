@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from errors import UserError
+from common.errors import UserError
 from hparams import HParams, from_argument, hparams
 
 ORIGINAL = dict(

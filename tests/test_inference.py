@@ -14,7 +14,8 @@ import torch
 
 import inference
 import lipsync
-from errors import UserError, run_cli
+from common.errors import UserError, run_cli
+from lipsync.options import ModelOptions
 from tests.media import FakeDetector, read_output, write_empty_video, write_video, write_wav
 from tools.detweights import det_state_dict
 
@@ -95,7 +96,9 @@ def test_unwritable_output_folder(media, wav2lip_checkpoint, capsys, tmp_path):
 
 
 def test_pads_making_an_empty_box(media, wav2lip_checkpoint, tmp_path):
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+    sync = lipsync.LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True
+    )
     out = tmp_path / "out.mp4"
     with pytest.raises(UserError, match="--pads -80 0 0 0 leave an empty face box"):
         sync(media["video"], media["speech"], out, pads=[-80, 0, 0, 0], quiet=True)
@@ -103,7 +106,7 @@ def test_pads_making_an_empty_box(media, wav2lip_checkpoint, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_output(media, wav2lip_checkpoint, tmp_path):
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", quiet=True)
+    sync = lipsync.LipSync(ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), quiet=True)
     out = tmp_path / "out.mp4"
 
     def explode(i, frame):
@@ -151,8 +154,8 @@ def test_audio_track_of_video_is_muxed(media, wav2lip_checkpoint, tmp_path):
     with av.open(str(media["video"])) as c:
         assert not c.streams.audio  # the face video is silent; the output carries the speech
     out = tmp_path / "o.mp4"
-    summary = lipsync.lipsync(media["video"], media["speech"], wav2lip_checkpoint, out, device="cpu", box=[20, 100, 30, 120],
-                              quiet=True)  # fmt: skip
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu")
+    summary = lipsync.lipsync(media["video"], media["speech"], model, out, box=[20, 100, 30, 120], quiet=True)
     assert summary.frames == 10 and read_output(out)[0][0].dtype == np.uint8
 
 
@@ -175,12 +178,15 @@ def test_runs_sharing_a_cache_dir_never_read_a_torn_entry(media, wav2lip_checkpo
     import threading
 
     cache = tmp_path / "cache"
-    syncs = [lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True) for _ in range(2)]
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu", cache_dir=str(cache))
+    syncs = [lipsync.LipSync(model, detector=FakeDetector(), quiet=True) for _ in range(2)]
     done, torn, seen = threading.Event(), [], set()
 
     def read_entries() -> None:
         while not done.is_set():
-            for entry in cache.glob("[!.]*.json") if cache.is_dir() else []:  # not the writers' temporary files
+            for entry in (
+                (cache / "boxes").glob("[!.]*.json") if (cache / "boxes").is_dir() else []
+            ):  # not the writers' temporary files
                 seen.add(entry.name)
                 try:
                     json.loads(entry.read_text())
@@ -191,7 +197,7 @@ def test_runs_sharing_a_cache_dir_never_read_a_torn_entry(media, wav2lip_checkpo
     reader.start()
     try:
         runs = [threading.Thread(target=sync, args=(media["video"], media["speech"], tmp_path / f"{i}.mp4"),
-                                 kwargs={"cache_dir": cache, "quiet": True}) for i, sync in enumerate(syncs)]  # fmt: skip
+                                 kwargs={"quiet": True}) for i, sync in enumerate(syncs)]  # fmt: skip
         for run in runs:
             run.start()
         for run in runs:
@@ -200,5 +206,5 @@ def test_runs_sharing_a_cache_dir_never_read_a_torn_entry(media, wav2lip_checkpo
         done.set()
         reader.join()
     assert not torn and len(seen) == 1  # one entry (both runs share its key), always whole when read
-    assert [p.name for p in cache.iterdir()] == list(seen)  # and no temporary file left
+    assert [p.name for p in (cache / "boxes").iterdir()] == list(seen)  # and no temporary file left
     assert all((tmp_path / f"{i}.mp4").is_file() for i in range(2))

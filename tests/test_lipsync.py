@@ -16,16 +16,14 @@ import pytest
 import torch
 
 import audio
-import devices
-import face_boxes
-import frames
-import generation
-import lipsync
-import streams
-import video
-from errors import UserError
+from common import devices, video
+from common.errors import UserError
 from face_detection import Box
 from hparams import hparams
+from lipsync import face_boxes, frames, generation
+from lipsync import pipeline as lipsync
+from lipsync import threads as streams
+from lipsync.options import ModelOptions
 from models import Wav2Lip
 from tests.media import FakeDetector, face_frame, face_rect, read_output, write_video, write_wav
 
@@ -34,7 +32,9 @@ FPS = 25
 
 @pytest.fixture(scope="session")
 def sync(wav2lip_checkpoint) -> lipsync.LipSync:
-    return lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+    return lipsync.LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -211,23 +211,26 @@ def test_feather_blend(sync, clip, tmp_path):
 
 def test_detection_cache_and_det_every(wav2lip_checkpoint, clip, tmp_path):
     detector = FakeDetector()
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
     cache = tmp_path / "cache"
-    first, frames1 = run(sync, clip["video"], clip["speech"], tmp_path / "1.mp4", cache_dir=cache)
-    assert detector.frames_seen == 12 and len(list(cache.iterdir())) == 1
-    second, frames2 = run(sync, clip["video"], clip["long"], tmp_path / "2.mp4", cache_dir=cache)
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu", cache_dir=str(cache))
+    sync = lipsync.LipSync(model, detector=detector, quiet=True)
+    first, frames1 = run(sync, clip["video"], clip["speech"], tmp_path / "1.mp4")
+    assert detector.frames_seen == 12 and len(list((cache / "boxes").iterdir())) == 1
+    second, frames2 = run(sync, clip["video"], clip["long"], tmp_path / "2.mp4")
     assert detector.frames_seen == 12  # boxes came from the cache
     # the same boxes: equal frames where the audio is equal, up to the round-off of another batch size
     assert all(np.abs(a.astype(int) - b).max() <= 2 for a, b in zip(frames1[:6], frames2[:6], strict=True))
-    run(sync, clip["video"], clip["speech"], tmp_path / "3.mp4", cache_dir=cache, pads=[0, 5, 0, 0])
+    run(sync, clip["video"], clip["speech"], tmp_path / "3.mp4", pads=[0, 5, 0, 0])
     assert detector.frames_seen == 12  # padding is applied after the cache
-    run(sync, clip["video"], clip["speech"], tmp_path / "4.mp4", det_every=5)
+    run(sync, clip["video"], clip["speech"], tmp_path / "4.mp4", det_every=5)  # another cache key
     assert detector.frames_seen == 12 + 4  # frames 0, 5, 10 and the last one
 
 
 def test_det_every_detects_around_a_keyframe_without_face(wav2lip_checkpoint, tmp_path):
     detector = FakeDetector()
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
+    sync = lipsync.LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=detector, quiet=True
+    )
     clip_path = write_video(tmp_path / "gap.mp4", 12, faceless=frozenset({5, 6}))
     summary, _ = run(sync, clip_path, write_wav(tmp_path / "s.wav", 0.48), tmp_path / "out.mp4", det_every=5)
     # keyframes 0, 5, 10, 11; keyframe 5 has no face, so frames 1-4 and 6-9 are detected one by one
@@ -238,9 +241,8 @@ def test_det_every_detects_around_a_keyframe_without_face(wav2lip_checkpoint, tm
 
 def test_api_function(wav2lip_checkpoint, clip, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    summary = lipsync.lipsync(
-        clip["video"], clip["speech"], wav2lip_checkpoint, device="cpu", box=[20, 100, 30, 120], quiet=True
-    )
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu")
+    summary = lipsync.lipsync(clip["video"], clip["speech"], model, box=[20, 100, 30, 120], quiet=True)
     assert summary.outfile == Path("results/result_voice.mp4") and (tmp_path / summary.outfile).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temp/ folder
 
@@ -387,7 +389,9 @@ def test_oom_halves_the_batch(capsys):
 
 
 def test_progress_follows_the_stages_and_raising_cancels(wav2lip_checkpoint, clip, tmp_path):
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=FakeDetector(), quiet=True)
+    sync = lipsync.LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True
+    )
     seen: list[tuple[str, int, int]] = []
     sync(clip["video"], clip["speech"], tmp_path / "a.mp4", quiet=True, on_progress=lambda *r: seen.append(r))
     assert [r for r in seen if r[0] == "detect faces"][-1] == ("detect faces", 12, 12)

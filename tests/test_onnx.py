@@ -19,17 +19,22 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import export_onnx
 import face_detection
 import inference
-import lipsync
-import onnx_backend
-from errors import UserError
+from common import onnx_export
+from common.errors import UserError
 from evaluation import lse, media
+from evaluation.onnx_syncnet import syncnet_loader
 from face_detection.detection.sfd import bbox
 from face_detection.detection.sfd.detect import candidates
+from lipsync import onnx_models
+from lipsync import pipeline as lipsync
+from lipsync.options import ModelOptions
 from tests.media import write_video, write_wav
 from tools.detweights import DATA, assert_stats, det_state_dict, formula_input, load_golden
 
+SPECS = export_onnx.specs()
 BOX = [20, 110, 30, 120]  # --box (top, bottom, left, right) inside the 160x128 test frames
 ENCODE = lipsync.encode  # the encode stage, before a test wraps it
 MAX_LEVELS = 2  # the ONNX backend's frames may differ from the torch backend's by this much per pixel
@@ -55,7 +60,7 @@ def onnx_files(wav2lip_checkpoint, s3fd_weights, syncnet_weights, cache_dir):
 
     def get(model: str) -> Path:
         if model not in made:
-            made[model] = onnx_backend.cached_export(model, sources[model], cache_dir, quiet=True)
+            made[model] = onnx_export.cached_export(SPECS[model], sources[model], cache_dir, quiet=True)
         return made[model]
 
     get.sources = sources
@@ -63,28 +68,33 @@ def onnx_files(wav2lip_checkpoint, s3fd_weights, syncnet_weights, cache_dir):
 
 
 @functools.cache
-def session(path: Path) -> onnx_backend.OnnxNet:
-    return onnx_backend.OnnxNet(onnx_backend.open_session(path, Path(path).name.split("-")[0], torch.device("cpu"), 2))
+def session(path: Path) -> onnx_export.OnnxNet:
+    spec = SPECS[Path(path).name.split("-")[0]]
+    return onnx_export.OnnxNet(onnx_export.open_session(path, spec, torch.device("cpu"), 2))
 
 
 # --- export ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", onnx_backend.MODELS)
+def test_every_model_of_the_command_has_a_spec():
+    assert tuple(SPECS) == export_onnx.MODELS
+
+
+@pytest.mark.parametrize("model", export_onnx.MODELS)
 def test_export_is_valid_with_dynamic_batch(onnx_files, model):
     path = onnx_files(model)
     proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(proto)
-    assert proto.opset_import[0].version == onnx_backend.OPSET
+    assert proto.opset_import[0].version == onnx_export.OPSET
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input)  # symbolic batch
-    inputs = onnx_backend.example_inputs(model, 3, seed=7, size=(160, 96))  # not the trace's batch or size
+    inputs = SPECS[model].examples(3, 7, False)  # not the trace's batch or size
     with torch.no_grad():
-        want = onnx_backend.torch_network(model, onnx_files.sources[model])(*inputs)
+        want = SPECS[model].network(onnx_files.sources[model], "--checkpoint_path")(*inputs)
     want = [want] if isinstance(want, torch.Tensor) else list(want)
     net = session(path)
     firsts = net(*(x[:1] for x in inputs))
     for got, first, ref in zip(net(*inputs), firsts, want, strict=True):
-        atol = onnx_backend.VERIFY_RTOL * float(ref.abs().max())
+        atol = onnx_export.VERIFY_RTOL * float(ref.abs().max())
         assert got.shape == ref.shape and first.shape == (1, *ref.shape[1:])
         torch.testing.assert_close(got, ref, rtol=0, atol=atol)
         torch.testing.assert_close(first, ref[:1], rtol=0, atol=atol)  # batch 1: the same first item
@@ -92,19 +102,19 @@ def test_export_is_valid_with_dynamic_batch(onnx_files, model):
 
 def test_wrong_onnx_file_is_a_user_error(onnx_files, tmp_path):
     with pytest.raises(UserError, match="not an ONNX export of wav2lip"):
-        onnx_backend.open_session(onnx_files("s3fd"), "wav2lip", torch.device("cpu"), 1)
+        onnx_export.open_session(onnx_files("s3fd"), SPECS["wav2lip"], torch.device("cpu"), 1)
     with pytest.raises(UserError, match="ONNX file not found.*--onnx_path"):
-        onnx_backend.open_session(tmp_path / "nope.onnx", "wav2lip", torch.device("cpu"), 1)
+        onnx_export.open_session(tmp_path / "nope.onnx", SPECS["wav2lip"], torch.device("cpu"), 1)
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(UserError, match="not a readable ONNX model"):
-        onnx_backend.open_session(tmp_path / "junk.onnx", "wav2lip", torch.device("cpu"), 1)
+        onnx_export.open_session(tmp_path / "junk.onnx", SPECS["wav2lip"], torch.device("cpu"), 1)
 
 
 def test_providers_follow_the_device():
-    assert onnx_backend.providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    assert onnx_export.providers(torch.device("cpu")) == ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(UserError, match="onnxruntime-gpu"):
-            onnx_backend.providers(torch.device("cuda"))
+            onnx_export.providers(torch.device("cuda"))
 
 
 # --- the goldens through ONNX Runtime --------------------------------------------------------------------
@@ -138,7 +148,7 @@ def test_s3fd_golden_forward_and_boxes(onnx_files):
 
 def test_syncnet_golden_and_lse(onnx_files):
     golden = load_golden("syncnet_python")
-    model = onnx_backend.syncnet_loader("onnxruntime", onnx_files("syncnet"))("unused", torch.device("cpu"))
+    model = syncnet_loader("onnxruntime", onnx_files("syncnet"))("unused", torch.device("cpu"))
     for method in ("forward_aud", "forward_lip"):
         g = golden[method]
         out = getattr(model, method)(formula_input(g["inputs"]["x"]))
@@ -173,7 +183,7 @@ def test_inference_onnxruntime_equals_torch(monkeypatch, tmp_path, wav2lip_check
     face, speech = write_video(tmp_path / "face.mp4", 10), write_wav(tmp_path / "speech.wav", 0.4)
     common = ["--checkpoint_path", str(wav2lip_checkpoint), "--face", str(face), "--audio", str(speech), "--box",
               *map(str, BOX), "--device", "cpu", "--quiet", "--cache_dir", str(cache_dir)]  # fmt: skip
-    monkeypatch.setattr(onnx_backend, "export", lambda *a, **k: pytest.fail("exported again despite the cache"))
+    monkeypatch.setattr(onnx_export, "export", lambda *a, **k: pytest.fail("exported again despite the cache"))
     onnx = run_inference(monkeypatch, [*common, "--backend", "onnxruntime", "--outfile", str(tmp_path / "o.mp4")])
     ref = run_inference(monkeypatch, [*common, "--backend", "torch", "--outfile", str(tmp_path / "t.mp4")])
     assert len(onnx) == len(ref) == 10 and (tmp_path / "o.mp4").is_file()
@@ -183,11 +193,11 @@ def test_inference_onnxruntime_equals_torch(monkeypatch, tmp_path, wav2lip_check
 
 
 def test_lipsync_generator_is_onnx(wav2lip_checkpoint, onnx_files):
-    sync = lipsync.LipSync(wav2lip_checkpoint, "cpu", quiet=True, backend="onnxruntime",
-                           onnx_path=onnx_files("wav2lip"))  # fmt: skip
-    assert isinstance(sync.generator, onnx_backend.OnnxGenerator)
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu", backend="onnxruntime",
+                         onnx_path=str(onnx_files("wav2lip")))  # fmt: skip
+    assert isinstance(lipsync.LipSync(model, quiet=True).generator.predict, onnx_models.OnnxWav2Lip)
     with pytest.raises(UserError, match="--backend tensorrt"):
-        lipsync.LipSync(wav2lip_checkpoint, "cpu", quiet=True, backend="tensorrt")
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu", backend="tensorrt")
 
 
 # --- export_onnx.py errors -------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-import data
 import preprocess
-from errors import UserError
+from common.errors import UserError
 from tools.make_synthetic_lrs2 import FACE_BOX, make_clip, make_dataset, write_mp4
+from training import datasets
 
 
 class FakeDetector:
@@ -46,8 +46,8 @@ def test_preprocess_writes_the_layout_and_is_resumable(raw, tmp_path):
     )  # fmt: skip
     assert report["done"] == 3 and report["failed"] == 0
     folder = out / "spk00" / "00000"
-    jpgs = sorted(folder.glob("*.jpg"), key=lambda p: data.frame_id(p.name))
-    assert [data.frame_id(p.name) for p in jpgs] == list(range(30))  # 1.2 s at 25 fps
+    jpgs = sorted(folder.glob("*.jpg"), key=lambda p: datasets.frame_id(p.name))
+    assert [datasets.frame_id(p.name) for p in jpgs] == list(range(30))  # 1.2 s at 25 fps
     x1, y1, x2, y2 = FACE_BOX
     import cv2
 
@@ -55,7 +55,7 @@ def test_preprocess_writes_the_layout_and_is_resumable(raw, tmp_path):
     rate, pcm = wavfile.read(folder / "audio.wav")
     assert rate == 16000 and pcm.dtype == np.int16 and pcm.ndim == 1
     mel = np.load(folder / "mel.npy")
-    np.testing.assert_array_equal(mel, data.compute_mel(folder / "audio.wav"))
+    np.testing.assert_array_equal(mel, datasets.compute_mel(folder / "audio.wav"))
     assert json.loads((out / "preprocess_report.json").read_text())["done"] == 3
     # filelists split by speaker
     train = (tmp_path / "filelists" / "train.txt").read_text().split()
@@ -63,7 +63,7 @@ def test_preprocess_writes_the_layout_and_is_resumable(raw, tmp_path):
     assert len(train) + len(val) == 3 and val and train
     assert not {e.split("/")[0] for e in train} & {e.split("/")[0] for e in val}
     # the trainers read it as is
-    assert len(data.SyncDataset(out, "train", tmp_path / "filelists")) > 0
+    assert len(datasets.SyncDataset(out, "train", tmp_path / "filelists")) > 0
     # a rerun skips what is done
     report = preprocess.main(
         ["--data_root", str(raw), "--preprocessed_root", str(out), "--no_tqdm"],
@@ -76,7 +76,7 @@ def test_missed_faces_leave_gaps_named_by_frame_index(raw, tmp_path):
     vfile = raw / "spk00" / "00000.mp4"
     outcome = preprocess.process_video(vfile, tmp_path, FakeDetector(missing={3, 4}), batch_size=8)
     assert outcome.status == "done" and outcome.faces == outcome.frames - 2
-    names = {data.frame_id(p.name) for p in (tmp_path / "spk00" / "00000").glob("*.jpg")}
+    names = {datasets.frame_id(p.name) for p in (tmp_path / "spk00" / "00000").glob("*.jpg")}
     assert 3 not in names and 4 not in names and {2, 5, 29} <= names
 
 

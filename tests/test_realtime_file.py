@@ -15,9 +15,10 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import audio
-import live
-import replay
-import streaming
+from live import replay
+from live import sessions as live
+from live import stream as streaming
+from live.options import LiveOptions
 from tests import test_lipsync
 from tests.media import face_frame, read_output, speech, write_video, write_wav
 
@@ -46,7 +47,7 @@ def test_pace_fast_is_inference_frame_for_frame(sync, media, wav2lip_checkpoint,
     offline, on_offline = capture()
     sync(media["video"], media["speech"], media["dir"] / "offline.mp4", on_frame=on_offline, quiet=True, box=BOX)
     streamed, on_streamed = capture()
-    figures = replay.replay(sync, media["video"], media["speech"], media["dir"] / "fast.mp4", pace="fast",
+    figures = replay.replay(sync, media["video"], media["speech"], media["dir"] / "fast.mp4", LiveOptions(pace="fast"),
                             on_frame=on_streamed, box=BOX, quiet=True)  # fmt: skip
     assert figures["frames"] == len(offline) == len(streamed) == 25 and figures["dropped"] == 0
     assert all(np.array_equal(a, b) for a, b in zip(offline, streamed, strict=True))
@@ -58,7 +59,8 @@ def test_pace_fast_is_inference_frame_for_frame(sync, media, wav2lip_checkpoint,
                          cwd=repo, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     last = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(last) == {"frames", "dropped", "fps", "first_frame_ms", "latency_ms"}
+    assert set(last) == {"frames", "generated", "dropped", "idle", "errors", "fps", "generated_fps", "first_frame_ms",
+                         "latency_ms"}  # fmt: skip
     assert last["frames"] == 25 and last["dropped"] == 0 and set(last["latency_ms"]) == {"p50", "p95", "max"}
     decoded, seconds_v, seconds_a, _ = read_output(out)  # (x264's threads make the bytes vary run to run)
     assert len(decoded) == 25 and abs(seconds_a - 1.0) < 0.05 and abs(seconds_v - 1.0) < 0.05
@@ -66,7 +68,7 @@ def test_pace_fast_is_inference_frame_for_frame(sync, media, wav2lip_checkpoint,
 
 def test_realtime_pace_shows_every_tick_within_the_budget(sync, media):
     frames, on_frame = capture()
-    figures = replay.replay(sync, media["video"], media["speech"], media["dir"] / "rt.mp4", budget_ms=2000,
+    figures = replay.replay(sync, media["video"], media["speech"], media["dir"] / "rt.mp4", LiveOptions(latency_budget_ms=2000),
                             on_frame=on_frame, box=BOX, quiet=True)  # fmt: skip
     assert figures["frames"] == len(frames) == 25
     assert figures["latency_ms"]["max"] <= 2000 and figures["first_frame_ms"] is not None
@@ -83,8 +85,8 @@ def test_silence_shows_the_source_frames_unless_idle_generate(sync, media):
     assert figures["dropped"] == 0 and figures["first_frame_ms"] is None
     assert all(np.array_equal(f, avatar.frames[i % 9]) for i, f in enumerate(frames))
     frames, on_frame = capture()
-    replay.replay(sync, media["video"], media["silent"], media["dir"] / "idle2.mp4", on_frame=on_frame,
-                  idle="generate", budget_ms=3000, box=BOX, quiet=True)  # fmt: skip
+    replay.replay(sync, media["video"], media["silent"], media["dir"] / "idle2.mp4", LiveOptions(latency_budget_ms=3000),
+                  on_frame=on_frame, idle="generate", box=BOX, quiet=True)  # fmt: skip
     assert sum(not np.array_equal(f, avatar.frames[i % 9]) for i, f in enumerate(frames)) > 5
 
 
@@ -110,15 +112,15 @@ class VirtualClock:
 
 def simulate(avatar, sessions: int, seconds: float, per_frame: float, workers: int = 2) -> list[live.LiveSession]:
     """`sessions` streams of `seconds` of speech in 20 ms chunks, on `workers` generator workers that take
-    `per_frame` seconds a frame: the engine's own scheduling, driven event by event on a virtual clock."""
+    `per_frame` seconds a frame: the shared generator's own scheduling, driven event by event on a virtual clock."""
     with threadpool_limits(limits=1, user_api="blas"):  # as realtime.py runs it
         return _simulate(avatar, sessions, seconds, per_frame, workers)
 
 
 def _simulate(avatar, sessions: int, seconds: float, per_frame: float, workers: int) -> list[live.LiveSession]:
     clock = VirtualClock()
-    engine = live.Engine(SlowGenerator(0.0), batch=2, clock=clock, workers=0)
-    streams = [live.LiveSession(avatar, engine, start=0.0) for _ in range(sessions)]
+    shared = live.SharedGenerator(SlowGenerator(0.0), batch=2, clock=clock, workers=0)
+    streams = [live.LiveSession(avatar, shared, start=0.0) for _ in range(sessions)]
     wav, step = speech(seconds), 0.004  # 4 ms: 5 steps a chunk, 10 a tick
     free_at, running = [0.0] * workers, [None] * workers  # each worker's (jobs, started) in flight
     for k in range(int((seconds + 1.0) / step)):
@@ -129,9 +131,9 @@ def _simulate(avatar, sessions: int, seconds: float, per_frame: float, workers: 
         for w in range(workers):
             if running[w] is not None and free_at[w] <= clock.now + 1e-9:
                 jobs, started = running[w]
-                engine.finish(jobs, np.stack([j.crop for j in jobs]), started, clock.now)
+                shared.finish(jobs, np.stack([j.crop for j in jobs]), started, clock.now)
                 running[w] = None
-            if running[w] is None and (jobs := engine.take(clock.now)):
+            if running[w] is None and (jobs := shared.next_batch(clock.now)):
                 running[w], free_at[w] = (jobs, clock.now), clock.now + per_frame * len(jobs)
         for s in streams:
             while s.display_time(s.tick) <= clock.now + 1e-9:
@@ -165,8 +167,8 @@ def test_no_drops_when_the_machine_keeps_up(sync, media):
 
 def test_interrupt_drops_queued_speech_and_returns_to_idle(sync, media):
     avatar = streaming.prepare_avatar(sync, media["video"], box=BOX)
-    engine = live.Engine(SlowGenerator(0.01), batch=2)
-    session = live.LiveSession(avatar, engine)
+    shared = live.SharedGenerator(SlowGenerator(0.01), batch=2)
+    session = live.LiveSession(avatar, shared)
     session.feed(speech(1.0))
     assert session.plan and session.audio_out.read(0, 16000 * 3).any()
     session.interrupt()
@@ -177,7 +179,7 @@ def test_interrupt_drops_queued_speech_and_returns_to_idle(sync, media):
     session.feed(speech(0.5))  # speech after an interruption starts a new utterance, later on the clock
     assert session.first >= session.tick and session.plan
     session.close()
-    engine.close()
+    shared.close()
 
 
 def test_delayed_audio_places_speech_on_the_timeline():

@@ -16,9 +16,10 @@ from threadpoolctl import threadpool_limits
 
 import audio
 import lipsync
-import streaming
-from errors import UserError
+from common.errors import UserError
 from hparams import hparams
+from lipsync.options import ModelOptions
+from live import stream as streaming
 from tests import test_lipsync
 from tests.media import FakeDetector, speech, write_video, write_wav
 
@@ -159,8 +160,9 @@ def test_streamed_frames_come_as_soon_as_their_window_is_complete(sync, media):
 
 def test_a_second_start_reads_the_boxes_from_the_cache(wav2lip_checkpoint, media, tmp_path):
     detector = FakeDetector()
-    cached = lipsync.LipSync(wav2lip_checkpoint, "cpu", detector=detector, quiet=True)
-    first = streaming.prepare_avatar(cached, media["video"], cache_dir=tmp_path, quiet=True)
+    model = ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu", cache_dir=str(tmp_path))
+    cached = lipsync.LipSync(model, detector=detector, quiet=True)
+    first = streaming.prepare_avatar(cached, media["video"], quiet=True)
     seen = detector.frames_seen
-    again = streaming.prepare_avatar(cached, media["video"], cache_dir=tmp_path, quiet=True)
+    again = streaming.prepare_avatar(cached, media["video"], quiet=True)
     assert seen == 9 and detector.frames_seen == seen and again.boxes == first.boxes

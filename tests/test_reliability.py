@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint_io
 import color_syncnet_train
-import data
 import preprocess
-import training
 import wav2lip_train
-from errors import UserError
+from common.errors import UserError
 from tests.media import write_video, write_wav
 from tests.test_preprocess import FakeDetector
 from tools.detweights import det_state_dict
 from tools.make_synthetic_lrs2 import make_dataset
+from training import datasets, loop, run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = (
@@ -144,8 +142,8 @@ def test_pickle_bomb_is_refused_and_never_runs(script, evil, synth, tmp_path, mo
 
 
 def test_a_plain_state_dict_still_loads_and_damage_is_still_damage(tmp_path):
-    import checkpoints
     import models
+    from common import weights as checkpoints
 
     sd = det_state_dict("SyncNet_color")
     torch.save({"state_dict": sd, "global_step": 3}, tmp_path / "ok.pth")
@@ -159,7 +157,7 @@ def test_a_plain_state_dict_still_loads_and_damage_is_still_damage(tmp_path):
 def test_filelist_paths_cannot_escape_data_root(copy, entry):
     (copy / "filelists" / "train.txt").write_text(f"spk00/00000\n{entry}\n")
     with pytest.raises(UserError, match="points outside --data_root"):
-        data.SyncDataset(copy, "train", copy / "filelists")
+        datasets.SyncDataset(copy, "train", copy / "filelists")
 
 
 # --- 2. bad data inside a prepared dataset ------------------------------------------------------------------
@@ -176,16 +174,16 @@ BAD_DATA = {
     "missing audio.wav": lambda f: (f / "audio.wav").unlink(),
     "garbage audio.wav": lambda f: (f / "audio.wav").write_bytes(b"RIFF garbage"),
     "truncated mel.npy": lambda f: _truncate(f / "mel.npy", 0.5),
-    "too few frames": lambda f: [p.unlink() for p in f.glob("*.jpg") if data.frame_id(p.name) >= 10],
+    "too few frames": lambda f: [p.unlink() for p in f.glob("*.jpg") if datasets.frame_id(p.name) >= 10],
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD_DATA))
-@pytest.mark.parametrize("dataset", [data.SyncDataset, data.Wav2LipDataset])
+@pytest.mark.parametrize("dataset", [datasets.SyncDataset, datasets.Wav2LipDataset])
 def test_bad_video_is_skipped_and_the_rest_trains(copy, kind, dataset, capsys):
     good, bad = copy / "spk00" / "00000", copy / "spk01" / "00000"
     (copy / "filelists" / "train.txt").write_text("spk00/00000\nspk01/00000\n")
-    data.load_mel(bad)  # a mel cache to damage
+    datasets.load_mel(bad)  # a mel cache to damage
     BAD_DATA[kind](bad)
     ds = dataset(copy, "train", copy / "filelists")
     for i in range(len(ds)):
@@ -204,7 +202,7 @@ def test_bad_video_is_skipped_and_the_rest_trains(copy, kind, dataset, capsys):
 
 def test_filelist_naming_missing_folders_skips_them(copy, capsys):
     (copy / "filelists" / "train.txt").write_text("spk00/00000\nspk07/00042\n")
-    ds = data.SyncDataset(copy, "train", copy / "filelists")
+    ds = datasets.SyncDataset(copy, "train", copy / "filelists")
     assert [v.folder.name for v in ds.videos] == ["00000"]
     assert "1 of 2 entries have no folder" in capsys.readouterr().err
 
@@ -224,11 +222,11 @@ def test_nothing_usable_is_one_line_before_any_model_is_built(copy, tmp_path, co
 def test_divergence_stops_naming_the_step_and_keeps_the_good_checkpoint(synth, tmp_path):
     ckpt = tmp_path / "c"
     argv = trainer_args(synth, ckpt, "--max_steps", "12", hp="syncnet_lr=1e12")  # an absurd learning rate
-    with pytest.raises(checkpoint_io.DivergedError, match=r"^step \d+: training diverged \(") as e:
+    with pytest.raises(run_folder.DivergedError, match=r"^step \d+: training diverged \(") as e:
         color_syncnet_train.main(argv)
     message = str(e.value)
     print(message)
-    last = checkpoint_io.latest_checkpoint(ckpt)
+    last = run_folder.latest_checkpoint(ckpt)
     assert (f"the last good checkpoint, {last}, is kept" if last else "no checkpoint was written yet") in message
     for path in ckpt.glob("checkpoint_step*.pth"):  # whatever was saved before the divergence is finite
         sd = torch.load(path, weights_only=True)["state_dict"]
@@ -240,8 +238,8 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    with pytest.raises(checkpoint_io.DivergedError, match="step 5: .*weight.*last good checkpoint, g.pth, is kept"):
-        checkpoint_io.save(tmp_path, model, torch.optim.SGD(model.parameters(), 0.1), 5, 0,
+    with pytest.raises(run_folder.DivergedError, match="step 5: .*weight.*last good checkpoint, g.pth, is kept"):
+        run_folder.save(tmp_path, model, torch.optim.SGD(model.parameters(), 0.1), 5, 0,
                            color_syncnet_train.ExpertConfig.__dataclass_fields__["hparams"].default_factory(),
                            last_good="g.pth")  # fmt: skip
     assert not list(tmp_path.iterdir())
@@ -253,11 +251,11 @@ def test_skipped_fp16_steps_are_counted_not_divergence():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     p.register_hook(lambda g: g * float("inf"))  # gradients overflow, the loss itself is finite
     loss = (p * 2).sum()
-    assert training.optimizer_step(loss, opt, scaler) is False
+    assert loop.optimizer_step(loss, opt, scaler) is False
     assert torch.equal(p.detach(), torch.ones(3))  # skipped, not applied
-    checkpoint_io.check_finite(1, {"loss": loss.item()}, None)  # not divergence
-    assert training.amp_scalars(scaler, 1) == {"amp_scale": 2.0**15, "amp_skipped_steps": 1}
-    assert training.amp_scalars(torch.amp.GradScaler("cpu", enabled=False), 0) == {}
+    run_folder.check_finite(1, {"loss": loss.item()}, None)  # not divergence
+    assert loop.amp_scalars(scaler, 1) == {"amp_scale": 2.0**15, "amp_skipped_steps": 1}
+    assert loop.amp_scalars(torch.amp.GradScaler("cpu", enabled=False), 0) == {}
 
 
 def test_resuming_another_img_size_is_one_line(synth, tmp_path):
@@ -283,7 +281,7 @@ def test_two_trainers_on_one_folder_refuse(synth, tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()
     busy = pytest.raises(UserError, match=r"another training run \(pid \d+\) is writing checkpoints there")
-    with checkpoint_io.exclusive(folder), busy:  # another trainer holds the folder
+    with run_folder.exclusive(folder), busy:  # another trainer holds the folder
         color_syncnet_train.main(trainer_args(synth, folder, "--max_steps", "1"))
     assert color_syncnet_train.main(trainer_args(synth, folder, "--max_steps", "1")) is None  # free again
 
@@ -294,7 +292,7 @@ def test_stale_partial_checkpoints_are_removed_by_the_next_run(synth, tmp_path):
     (folder / ".checkpoint_step000000009.partial-0badf00d.pth").write_bytes(b"half")
     color_syncnet_train.main(trainer_args(synth, folder, "--max_steps", "1"))
     assert not list(folder.glob(".*partial*"))
-    assert checkpoint_io.latest_checkpoint(folder).name == "checkpoint_step000000001.pth"
+    assert run_folder.latest_checkpoint(folder).name == "checkpoint_step000000001.pth"
 
 
 # --- 1. preprocessing: failures are reported, the run goes on, the exit status says so ----------------------
@@ -416,7 +414,7 @@ def test_lse_refuses_to_overwrite_a_foreign_result_file(tmp_path):
 
 def test_two_writers_of_one_file_leave_one_whole_file(tmp_path):
     """Two runs writing the same --outfile (video.VideoWriter, the cache, checkpoints: files.atomic_path)."""
-    from files import atomic_path
+    from common.atomic_files import atomic_path
 
     out = tmp_path / "out.bin"
     a, b = np.full(1 << 20, 1, np.uint8), np.full(1 << 19, 2, np.uint8)

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint_io
 import color_syncnet_train
 import preprocess
 import wav2lip_train
-from checkpoints import load_weights
+from common.weights import load_weights
 from models import SyncNet_color, Wav2Lip
 from tests.test_preprocess import FakeDetector
 from tools.detweights import det_state_dict
 from tools.make_synthetic_lrs2 import make_dataset
+from training import run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SLOW_WRITE = 0.4  # seconds a checkpoint write stays half-written in the child
@@ -93,7 +93,7 @@ def kill_and_resume(main: Callable, argv: list, folder: Path, moments: list, arc
     folder.mkdir(parents=True, exist_ok=True)
     killed_during_write = 0
     for moment in [*moments, None]:
-        latest = checkpoint_io.latest_checkpoint(folder)
+        latest = run_folder.latest_checkpoint(folder)
         resume = ["--checkpoint_path", str(latest)] if latest else []
         p = start(main, [*argv, *resume], slow=moment is not None)
         if moment is None:
@@ -106,7 +106,7 @@ def kill_and_resume(main: Callable, argv: list, folder: Path, moments: list, arc
     assert killed_during_write >= 1, "no kill landed in a checkpoint write"
     assert not list(folder.glob(".*partial*")), "a partial file was left in the checkpoint folder"
     every_checkpoint_is_whole(folder, arch, model)
-    final = torch.load(checkpoint_io.latest_checkpoint(folder), weights_only=True)
+    final = torch.load(run_folder.latest_checkpoint(folder), weights_only=True)
     assert final["global_step"] == max_steps and final["optimizer"]["state"] and final["rng_states"]
     return final
 

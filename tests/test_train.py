@@ -19,11 +19,11 @@ import torch
 import color_syncnet_train
 import hq_wav2lip_train
 import wav2lip_train
-from checkpoints import load_weights
-from errors import UserError
+from common.errors import UserError
+from common.weights import load_weights
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
 from tools.make_synthetic_lrs2 import make_dataset
-from training import Context, RunResult
+from training.loop import Context, RunResult
 from wav2lip_train import SyncWeight
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
 from tests.media import face_frame, read_output, speech, write_empty_video, write_video, write_wav
 
 

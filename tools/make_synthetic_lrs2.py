@@ -15,15 +15,21 @@ Two layouts, the same faces and sounds:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run by path (python tools/make_synthetic_lrs2.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from audio import resample, save_wav
-from files import atomic_path, write_text_atomic
+from common.atomic_files import atomic_path, write_text_atomic
 from hparams import hparams
 
 SAMPLE_RATE = hparams.sample_rate  # 16 kHz, what preprocess.py writes

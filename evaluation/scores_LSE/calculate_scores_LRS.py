@@ -7,21 +7,26 @@ From the repository root:
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
-from devices import select_device
-from errors import run_cli
+# run by path (python evaluation/scores_LSE/calculate_scores_LRS.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse
+
+from common.devices import select_device
+from common.errors import run_cli
 from evaluation import lse
+from evaluation.onnx_syncnet import syncnet_loader
 from evaluation.syncnet import S
-from onnx_backend import add_syncnet_arguments, syncnet_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LSE-D and LSE-C of the .mp4 videos in a folder (SyncNet)")
     p.add_argument("--data_root", required=True, help="folder with the generated .mp4 videos")
     lse.add_scoring_arguments(p, "video")
-    add_syncnet_arguments(p)
     return p.parse_args(argv)
 
 

@@ -10,16 +10,22 @@ prints "<LSE-D> <LSE-C>" per track as the original does, then the averages over 
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+# run by path (python evaluation/scores_LSE/calculate_scores_real_videos.py): the repository root is not on the path
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse
 
 from tqdm import tqdm
 
-from devices import select_device
-from errors import UserError, run_cli
+from common.devices import select_device
+from common.errors import UserError, run_cli
 from evaluation import lse, tracking
+from evaluation.onnx_syncnet import syncnet_loader
 from evaluation.syncnet import S
-from onnx_backend import add_syncnet_arguments, syncnet_loader
 
 NO_TRACK = "no track long enough"
 
@@ -41,7 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min_track", type=int, default=tracking.MIN_TRACK)
     p.add_argument("--num_failed_det", type=int, default=tracking.NUM_FAILED_DET)
     p.add_argument("--min_face_size", type=int, default=tracking.MIN_FACE_SIZE)
-    add_syncnet_arguments(p)
     return p.parse_args(argv)
 
 

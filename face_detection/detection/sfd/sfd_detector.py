@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_model, missing_file_message, skeleton
-from errors import UserError
+from common.errors import UserError
+from common.weights import load_model, missing_file_message, skeleton
 
 from ..core import FaceDetector
 from .bbox import best_index, nms

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoints import safe_load
-from errors import UserError
+from common.errors import UserError
+from common.weights import safe_load
 
 from .bbox import decode, nms
 from .detect import ANCHOR_PER_STRIDE, FIRST_STRIDE

@@ -1,8 +1,8 @@
 """The streaming core: a face prepared once (`Avatar`), then speech fed a little at a time and lip-synced
 frames out as soon as each frame's mel window is complete.
 
-    sync = lipsync.LipSync("checkpoints/wav2lip_gan.pth")
-    avatar = prepare_avatar(sync, "face.mp4", box=(60, 400, 120, 380))   # once; cache_dir= reuses boxes
+    sync = LipSync("checkpoints/wav2lip_gan.pth")                 # or LipSync(ModelOptions(..., cache_dir=...))
+    avatar = prepare_avatar(sync, "face.mp4", box=(60, 400, 120, 380))   # once
     stream = AvatarStream(avatar, sync.generator)
     for chunk in chunks:                                  # 16 kHz mono float32, any length (1 ms, 20 ms...)
         for i, frame in stream.feed(chunk): show(i, frame)
@@ -27,25 +27,24 @@ does (`layout=offline_layout(...)`): the generator's round-off depends on the ba
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 import audio
-import video
-from crops import crop_faces, feather_mask, paste_batches
+from common import video
 from face_detection import Box
-from frames import FrameSource, loop_frames
-from generation import Batch, Generator, batch_sizes, batches_in_flight, generator_workers
 from hparams import HParams, hparams
-from options import Options
+from lipsync.crops import Batch, crop_faces, feather_mask, paste_batches
+from lipsync.frames import FrameSource, loop_frames
+from lipsync.generation import Generator, generator_workers
+from lipsync.options import Options
+from lipsync.threads import Workers
+from live.options import LIVE_DEFAULTS
 
 HOP_S = 1 / audio.MEL_COLUMNS_PER_SECOND  # 12.5 ms between mel columns
 LOOKAHEAD_S = (audio.MEL_STEP_SIZE - 1) * HOP_S + 0.025  # 212.5 ms: a window's last column, plus n_fft/2
@@ -142,6 +141,7 @@ class Avatar:
     crops: list[np.ndarray | None]  # per source frame: the generator's face crop, None without a face
     frames: list[np.ndarray] | None
     mask: np.ndarray | None  # the feather mask, or None to paste as the original
+    opts: Options  # the clip options it was prepared with (idle and silence_db are read by live sessions)
     hp: HParams
 
     @property
@@ -171,11 +171,12 @@ def prepare_avatar(sync, face: str | os.PathLike, speech_samples: int | None = N
     """Decode `face`, find and smooth its boxes (or take `box`), and crop every frame, once.
 
     `sync` is a `lipsync.LipSync` (its detector, its detection cache, its hparams). `options` are
-    `options.Options` fields (`box`, `pads`, `nosmooth`, `cache_dir`, `resize_factor`, `blend`...). Boxes are
+    `lipsync.options.Options` fields (`box`, `pads`, `nosmooth`, `resize_factor`, `blend`, `idle`...), over
+    `LIVE_DEFAULTS` (idle keeps the source face). Boxes are
     smoothed over the whole video, or, when the length of the speech is known (`speech_samples`), over the
     frames it covers: the offline run smooths only the frames it uses.
     """
-    opts = Options(**options)
+    opts = Options(**(LIVE_DEFAULTS | options))
     source = FrameSource(video.probe(face), opts, sync.hp.fps)
     n_out = len(speech_starts(speech_samples, source.fps, sync.hp)) if speech_samples else sys.maxsize
     found = sync.face_boxes(source, opts, n_out)
@@ -186,7 +187,7 @@ def prepare_avatar(sync, face: str | os.PathLike, speech_samples: int | None = N
     crops = [crop_faces([f], [b], size)[0] if b is not None else None
              for f, b in zip(frames if frames is not None else source, boxes, strict=False)]  # fmt: skip
     mask = feather_mask(size) if opts.blend == "feather" else None
-    return Avatar(source, boxes, crops, frames, mask, sync.hp)
+    return Avatar(source, boxes, crops, frames, mask, opts, sync.hp)
 
 
 def _within_budget(source: FrameSource, opts: Options) -> list[np.ndarray] | None:
@@ -215,11 +216,7 @@ class AvatarStream:
         self.frames = avatar.frame_loop()
         self.waiting: list[SpeechFrame] = []
         self._next_size: int | None = None
-        self.workers, threads = generator_workers(generator.device)
-        self._main_threads = torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="stream", initializer=torch.set_num_threads,
-                                        initargs=(threads,))  # fmt: skip
-        self._in_flight: collections.deque[tuple[int, Future]] = collections.deque()
+        self.workers = Workers(*generator_workers(generator.device))  # the offline pipeline's pool
         self._ready: list[tuple[int, np.ndarray]] = []
 
     def feed(self, samples: np.ndarray, wait: bool = False) -> list[tuple[int, np.ndarray]]:
@@ -243,8 +240,7 @@ class AvatarStream:
         return frames
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(self._main_threads)  # new threads start from the last value set, the workers'
+        self.workers.close()
 
     def _take_size(self) -> int:
         if self._next_size is None:
@@ -262,20 +258,23 @@ class AvatarStream:
     def _submit(self, groups: list[list[SpeechFrame]]) -> None:
         """Crop each group of consecutive frames here (in order), generate it on a worker."""
         for group in groups:
-            while len(self._in_flight) > self.workers:
-                self._ready += self._finish(*self._in_flight.popleft())
-            item = self._batch(group)
-            self._in_flight.append((group[0].index, self._pool.submit(self.generator.generate, *item, self.cap)))
+            while self.workers.backlogged:
+                self._ready += self._finish(*self.workers.take())
+            self.workers.submit(self._generate, group[0].index, *self._batch(group))
+
+    def _generate(self, first: int, batch: Batch, mel: np.ndarray) -> tuple[int, Batch]:
+        """The generate stage for one batch (on a worker): its first frame's index, and the batch generated."""
+        return first, self.generator.generate(batch, mel, self.cap)
 
     def _collect(self, wait: bool) -> list[tuple[int, np.ndarray]]:
         out, self._ready = self._ready, []
-        while self._in_flight and (wait or self._in_flight[0][1].done()):
-            out += self._finish(*self._in_flight.popleft())
+        while self.workers.next_ready(wait):
+            out += self._finish(*self.workers.take())
         return out
 
-    def _finish(self, first: int, generated: Future) -> list[tuple[int, np.ndarray]]:
+    def _finish(self, first: int, generated: Batch) -> list[tuple[int, np.ndarray]]:
         """The paste stage for one generated batch."""
-        pasted = paste_batches([generated.result()], self.avatar.mask, shared_frames=True)
+        pasted = paste_batches([generated], self.avatar.mask, shared_frames=True)
         return [(first + i, frame) for i, (frame, _) in enumerate(pasted)]
 
     def _batch(self, group: list[SpeechFrame]) -> tuple[Batch, np.ndarray]:
@@ -293,8 +292,4 @@ class AvatarStream:
 
 def offline_layout(avatar: Avatar, generator: Generator, n_frames: int, **options) -> tuple[int, list[int]]:
     """(cap, batch sizes): the generator batches `lipsync.LipSync` makes of `n_frames` frames of this face."""
-    opts = Options(**options)
-    workers = generator_workers(generator.device)[0]
-    cap = opts.wav2lip_batch_size or generator.default_batch_size
-    cap = min(cap, opts.frames_within_budget(avatar.source.frame_bytes, batches_in_flight(workers)))
-    return cap, batch_sizes(n_frames, cap, workers)
+    return generator.plan(n_frames, Options(**options), avatar.source.frame_bytes)

@@ -2,19 +2,19 @@
 
 Each option is a field of `Options` (what may change from one clip to the next) or of `ModelOptions`
 (what is loaded once and shared by every clip): its name, type, default, help and choices stand here and
-nowhere else. The command lines (`inference.py`, `evaluation/gen_videos_from_filelist.py`) build their
-parsers from these fields with `add_arguments`, and the Python API (`lipsync.LipSync(...)(**options)`)
-checks its keyword arguments by constructing `Options`, so a default or a check can never differ between
-the two. Defaults reproduce the original inference.py.
+nowhere else. The command lines (`inference.py`, `realtime.py`, `app.py`,
+`evaluation/gen_videos_from_filelist.py`) build their parsers from these fields with `add_arguments`; the
+Python API takes the dataclasses themselves (`LipSync(ModelOptions(...))`) and checks a clip's keyword
+arguments by constructing `Options`, so a default or a check can never differ between the two. Defaults
+reproduce the original inference.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from errors import UserError
-from flags import add_arguments, from_namespace, option
+from common.errors import UserError
+from common.flags import add_arguments, flag_fields, from_namespace, option
 
 __all__ = ["ModelOptions", "Options", "add_arguments", "from_namespace"]  # the flags' builders, for the scripts
 
@@ -22,9 +22,19 @@ DEFAULT_OUTFILE = "results/result_voice.mp4"
 UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
 NO_FACE_CHOICES = ("keep", "last", "error")
 BLEND_CHOICES = ("paste", "feather")
+IDLE_CHOICES = ("generate", "keep")  # during silence: the generator's mouth (the original), or the source face
+SILENCE_DB = -50.0  # RMS of a frame's 200 ms window, dB full scale: below it the frame is silence (both doors)
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 BACKEND_CHOICES = ("torch", "onnxruntime")  # what runs the networks (README, "ONNX")
 REGION_FIELDS = ("pads", "crop", "box")  # four integers: top, bottom, left, right
+
+
+def check_choices(settings: object, skip: tuple[str, ...] = ()) -> None:
+    """A `UserError` naming the flag when a field declared with choices holds another value."""
+    for f in flag_fields(type(settings)):
+        allowed = f.metadata["choices"] if f.name not in skip else None
+        if allowed and getattr(settings, f.name) not in allowed:
+            raise UserError(f"--{f.name} {getattr(settings, f.name)}: choose one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,15 @@ class Options:
         None, "detect faces on frames shrunk to this longest side (e.g. 640); faster on large videos"
     )
     det_every: int = option(1, "detect on every K-th frame only, interpolating the boxes in between")
-    cache_dir: str | None = option(None, "cache face boxes here, keyed by the video's content")
     blend: str = option(
         "paste", "paste the generated face (original) or feather its lower half into the frame", choices=BLEND_CHOICES
+    )
+    idle: str = option(
+        "generate", "frames whose 200 ms of audio is silent (--silence_db): generate them (the original) or keep "
+        "the source face, fading in and out of speech", choices=IDLE_CHOICES,
+    )  # fmt: skip
+    silence_db: float = option(
+        SILENCE_DB, "a frame whose 200 ms of audio is quieter than this (RMS, dB full scale) is silence"
     )
     memory_budget: int = option(
         384, "MiB of decoded frames in flight between the stages; batches shrink to fit it on huge frames (4K)"
@@ -72,10 +88,7 @@ class Options:
             if len(values) != 4:
                 raise UserError(f"--{name} takes 4 integers (top, bottom, left, right), got {list(values)}")
             object.__setattr__(self, name, values)
-        for f in dataclasses.fields(self):
-            allowed = f.metadata["choices"]
-            if allowed and getattr(self, f.name) not in allowed:
-                raise UserError(f"--{f.name} {getattr(self, f.name)}: choose one of {', '.join(allowed)}")
+        check_choices(self)
         positive = ("resize_factor", "det_every", "face_det_batch_size", "wav2lip_batch_size", "det_max_side", "fps",
                     "memory_budget")  # fmt: skip
         for name in positive:
@@ -109,3 +122,10 @@ class ModelOptions:
     detector_onnx_path: str | None = option(
         None, "with --backend onnxruntime: S3FD's .onnx (default: exported from the S3FD weights, cached)"
     )
+    cache_dir: str | None = option(
+        None, "a folder for what is worth keeping between runs: face boxes by the video's content (boxes/) and "
+        "ONNX exports (onnx/)",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_choices(self, skip=("device",))  # `select_device` checks it, a torchrun rank's cuda:N included

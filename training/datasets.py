@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import Dataset
 
 import audio
-from errors import UserError
-from files import atomic_path
+from common.atomic_files import atomic_path
+from common.errors import UserError
 from hparams import HParams, hparams
 
 SYNCNET_T = 5  # frames per window: 0.2 s at 25 fps

@@ -5,46 +5,36 @@ one batch runs at a time, on a thread that overlaps it with pasting and encoding
 run side by side on one core each (`generator_workers`). The stage keeps nothing between batches but the
 generator's batch limit, which halves for good after an out-of-memory error.
 
+The forward pass is a `Predict` function handed to `Generator`: Wav2Lip in PyTorch (`Wav2LipTorch`, here)
+or in ONNX Runtime (`onnx_models.OnnxWav2Lip`); batching, chunking and threads are the same for both.
 Inputs are the original's datagen: the crop with its lower half zeroed, stacked with the unmasked crop as
 6 channels /255; outputs ×255 truncated to uint8.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from audio import mel_windows
-from checkpoints import load_model, skeleton
-from crops import crop_faces
-from devices import BatchLimit, in_chunks
-from face_detection import Box
+from common.devices import BatchLimit, in_chunks
+from common.weights import load_model, skeleton
+from lipsync.crops import Batch
+from lipsync.options import Options
+from lipsync.threads import ordered_map
 from models import Wav2Lip
 from models.conv import fold_batchnorm
-from streams import ordered_map
 
 GPU_BATCH_SIZE = 128  # the original's --wav2lip_batch_size
 CPU_BATCH_SIZE = 16  # on a CPU, smaller activation buffers are faster (cache, page faults): 16 vs 128 ≈ 1.8x
 CPU_FINE_CHUNK = 4  # frames at a time through the generator's finest stages on a CPU (cache-sized)
 CPU_WORKERS_MAX = 4  # generator batches run side by side on a CPU, each on its share of the cores
 BATCHES_BESIDE_WORKERS = 3  # in flight besides the workers': being cropped, queued, being pasted and encoded
-
-
-@dataclass
-class Batch:
-    """Consecutive output frames; those with a face carry a crop and a mel window for the generator."""
-
-    frames: list[np.ndarray]
-    boxes: list[Box | None]
-    faces: np.ndarray  # (n_with_face, S, S, 3) uint8
-    mel_starts: list[int]
-    generated: np.ndarray | None = None  # (n_with_face, S, S, 3) uint8
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (n, S, S, 3) uint8 crops, (n, 1, 80, 16) mels → faces
 
 
 def batches_in_flight(workers: int) -> int:
@@ -61,17 +51,19 @@ def batch_sizes(n: int, batch_size: int, workers: int) -> list[int]:
     return [small + 1] * extra + [small] * (count - extra)
 
 
-def make_batches(
-    items: Iterable[tuple[np.ndarray, Box | None, int]], img_size: int, sizes: Iterable[int]
-) -> Iterator[Batch]:
-    """The crop stage: (frame, box, mel start) grouped into batches of `sizes`, each face cropped."""
-    iterator = iter(items)
-    for size in sizes:
-        if not (chunk := tuple(itertools.islice(iterator, size))):
-            return
-        frames, boxes, starts = zip(*chunk, strict=True)
-        face_starts = [s for b, s in zip(boxes, starts, strict=True) if b is not None]
-        yield Batch(list(frames), list(boxes), crop_faces(frames, boxes, img_size), face_starts)
+def generator_workers(device: torch.device) -> tuple[int, int]:
+    """(threads running generator batches, torch threads each).
+
+    On a CPU, whole batches side by side on one core each (up to CPU_WORKERS_MAX) beat one batch split
+    over every core: the two threads of a split convolution wait for each other at every layer, and
+    any time decoding or encoding takes from one of them idles the other (2 cores: 14.8 vs 13.1
+    frames/s end to end). A GPU runs one batch at a time; its thread overlaps it with pasting and encoding.
+    """
+    if device.type != "cpu":
+        return 1, torch.get_num_threads()
+    threads = torch.get_num_threads()
+    workers = max(1, min(CPU_WORKERS_MAX, threads))
+    return workers, max(1, threads // workers)
 
 
 def generator_inputs(
@@ -90,43 +82,43 @@ def to_uint8(pred: torch.Tensor) -> np.ndarray:
     return (pred.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
 
 
-def generator_workers(device: torch.device) -> tuple[int, int]:
-    """(threads running generator batches, torch threads each).
-
-    On a CPU, whole batches side by side on one core each (up to CPU_WORKERS_MAX) beat one batch split
-    over every core: the two threads of a split convolution wait for each other at every layer, and
-    any time decoding or encoding takes from one of them idles the other (2 cores: 14.8 vs 13.1
-    frames/s end to end). A GPU runs one batch at a time; its thread overlaps it with pasting and encoding.
-    """
-    if device.type != "cpu":
-        return 1, torch.get_num_threads()
-    threads = torch.get_num_threads()
-    workers = max(1, min(CPU_WORKERS_MAX, threads))
-    return workers, max(1, threads // workers)
-
-
-class Generator:
-    """Wav2Lip loaded once on a device (BatchNorm folded into the convolutions), for any number of clips."""
+class Wav2LipTorch:
+    """Wav2Lip's forward pass in PyTorch, loaded once on a device with BatchNorm folded into the convolutions."""
 
     def __init__(
-        self, checkpoint_path: str | os.PathLike | Path, device: torch.device, fp16: bool = False, quiet: bool = False
+        self, checkpoint_path: str | os.PathLike | Path, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> None:
-        self.device = device
-        self.dtype = torch.float16 if fp16 else torch.float32
-        model = fold_batchnorm(load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip", device)).to(self.dtype)
+        self.device, self.dtype = device, dtype
+        model = fold_batchnorm(load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip", device)).to(dtype)
         # oneDNN's convolutions run ~10-20 % faster on NHWC tensors; outputs agree to float round-off
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format)
         self.fine_chunk = CPU_FINE_CHUNK if device.type == "cpu" else None
-        self.default_batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
-        self.limit = BatchLimit(1 << 30, "the generator", quiet)
 
-    def predict(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
+    def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
         with torch.inference_mode():
             inputs = generator_inputs(faces, mels, self.device, self.dtype)
             inputs = (x.contiguous(memory_format=self.memory_format) for x in inputs)
             return to_uint8(self.model(*inputs, fine_chunk=self.fine_chunk))
+
+
+class Generator:
+    """The generate stage around a forward pass (`predict`), for any number of clips."""
+
+    def __init__(self, predict: Predict, device: torch.device, quiet: bool = False) -> None:
+        self.predict, self.device = predict, device
+        self.default_batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
+        self.limit = BatchLimit(1 << 30, "the generator", quiet)
+
+    def plan(self, n_frames: int, opts: Options, frame_bytes: int) -> tuple[int, list[int]]:
+        """(cap, batch sizes) of `n_frames` frames: the one batch plan of the offline run and of a stream
+        that wants its frames (`live.stream.AvatarStream(layout=...)`). The cap is `wav2lip_batch_size`, or
+        the device's default, or fewer frames when the batches in flight would exceed the memory budget."""
+        workers = generator_workers(self.device)[0]
+        cap = opts.wav2lip_batch_size or self.default_batch_size
+        cap = min(cap, opts.frames_within_budget(frame_bytes, batches_in_flight(workers)))
+        return cap, batch_sizes(n_frames, cap, workers)
 
     def generate(self, batch: Batch, mel: np.ndarray, cap: int) -> Batch:
         """Fill `batch.generated`, in chunks of at most `cap` (and the batch limit)."""

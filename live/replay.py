@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 import audio
-import video
-from files import check_writable
-from live import DEFAULT_BUDGET_MS, DEFAULT_SILENCE_DB, LIVE_BATCH, Engine, LiveSession, Stats
-from streaming import LOOKAHEAD_S, Avatar, AvatarStream, offline_layout, prepare_avatar, speech_starts
+from common import video
+from common.atomic_files import check_writable
+from live.options import LiveOptions
+from live.sessions import LiveSession, SharedGenerator, Stats
+from live.stream import LOOKAHEAD_S, Avatar, AvatarStream, offline_layout, prepare_avatar, speech_starts
 
 OnFrame = Callable[[int, np.ndarray], None]
-PACES = ("realtime", "fast")
 
 
 def chunks_of(wav: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
@@ -36,30 +36,28 @@ def chunks_of(wav: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
 
 
 def replay(
-    sync, face: str | os.PathLike, audio_path: str | os.PathLike, outfile: str | os.PathLike, *,
-    pace: str = "realtime", chunk_ms: float = 20.0, budget_ms: float = DEFAULT_BUDGET_MS, idle: str = "source",
-    silence_db: float = DEFAULT_SILENCE_DB, batch: int = LIVE_BATCH, on_frame: OnFrame | None = None, **options,
+    sync, face: str | os.PathLike, audio_path: str | os.PathLike, outfile: str | os.PathLike,
+    live: LiveOptions | None = None, *, on_frame: OnFrame | None = None, **options,
 ) -> dict:  # fmt: skip
     """Lip-sync `face` to `audio_path` through the stream, chunk by chunk, into `outfile`; returns the figures.
 
-    `sync` is a `lipsync.LipSync`; `options` are `options.Options` fields; `on_frame(i, frame)` sees each
-    output frame before it is encoded.
+    `sync` is a `lipsync.LipSync`; `live` holds the pace, the chunk length, the latency budget and the live
+    batch; `options` are `lipsync.options.Options` fields; `on_frame(i, frame)` sees each output frame
+    before it is encoded.
     """
-    if pace not in PACES:
-        raise ValueError(f"pace must be one of {PACES}")
+    live = live or LiveOptions()
     check_writable(Path(outfile).parent, "--outfile")
     wav, gain = audio.load_speech_wav(audio_path, sync.hp)
     avatar = prepare_avatar(sync, face, len(wav), **options)
     n_frames = len(speech_starts(len(wav), avatar.fps, sync.hp))
-    chunk = max(1, round(chunk_ms * sync.hp.sample_rate / 1000))
+    chunk = max(1, round(live.chunk_ms * sync.hp.sample_rate / 1000))
     height, width = avatar.shape[:2]
     writer = video.VideoWriter(outfile, avatar.source.writer_fps, width, height, audio_path, audio_gain=gain)
     with writer:
         write = _writer(writer, on_frame)
-        if pace == "fast":
+        if live.pace == "fast":
             return _fast(sync, avatar, chunks_of(wav, chunk), n_frames, write, options)
-        return _realtime(sync, avatar, chunks_of(wav, chunk), n_frames, write, chunk / sync.hp.sample_rate,
-                         budget_ms=budget_ms, idle=idle, silence_db=silence_db, batch=batch)  # fmt: skip
+        return _realtime(sync, avatar, chunks_of(wav, chunk), n_frames, write, chunk / sync.hp.sample_rate, live)
 
 
 def _writer(writer: video.VideoWriter, on_frame: OnFrame | None) -> OnFrame:
@@ -96,12 +94,12 @@ def _fast(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int, wri
 
 
 def _realtime(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int, write: OnFrame, chunk_s: float,
-              *, budget_ms: float, idle: str, silence_db: float, batch: int) -> dict:  # fmt: skip
+              live: LiveOptions) -> dict:  # fmt: skip
     """Chunks fed at the pace they are spoken; the frames shown at each tick written as they are shown."""
-    engine = Engine(sync.generator, batch, clock=time.perf_counter, hp=sync.hp)
+    shared = SharedGenerator(sync.generator, live.live_batch, clock=time.perf_counter, hp=sync.hp)
     t0 = time.perf_counter()
-    start = t0 + chunk_s + LOOKAHEAD_S + budget_ms / 1000  # tick 0: frame 0, shown a budget after it can be made
-    session = LiveSession(avatar, engine, budget_ms=budget_ms, idle=idle, silence_db=silence_db, start=start)
+    start = t0 + chunk_s + LOOKAHEAD_S + live.budget  # tick 0: frame 0, shown a budget after it can be made
+    session = LiveSession(avatar, shared, live, start=start)
     session.begin(first_tick=0)
     failure: list[BaseException] = []
     shower = threading.Thread(target=_show, args=(session, n_frames, write, failure), daemon=True)
@@ -116,7 +114,7 @@ def _realtime(sync, avatar: Avatar, chunks: Iterator[np.ndarray], n_frames: int,
     finally:
         shower.join()
         session.close()
-        engine.close()
+        shared.close()
     if failure:
         raise failure[0]
     return session.stats.summary(avatar.fps, n_frames)

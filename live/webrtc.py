@@ -9,7 +9,7 @@
 
 Each connection is a `Peer`: a `live.LiveSession` (its speech, queue and clock), a video track that shows
 the session's frame at each tick, an audio track playing the speech delayed to match, and, if the client
-sends one, its microphone fed into the session. All sessions share one model through one `live.Engine`,
+sends one, its microphone fed into the session. All sessions share one model through one `SharedGenerator`,
 which batches their frames together. Bad input is answered with a 4xx and one line of JSON; a client that
 goes away is closed and forgotten.
 """
@@ -33,16 +33,16 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 import audio
-from devices import default_cpu_allocator
-from errors import UserError
-from live import Engine, LiveSession
-from streaming import Avatar, prepare_avatar
+from common.devices import default_cpu_allocator
+from common.errors import UserError
+from live.options import LiveOptions
+from live.sessions import LiveSession, SharedGenerator
+from live.stream import Avatar, prepare_avatar
 
-PAGE = Path(__file__).resolve().parent / "web" / "avatar.html"
+PAGE = Path(__file__).resolve().parent / "avatar.html"
 VIDEO_CLOCK = 90_000  # RTP's video clock rate
 AUDIO_FRAME_S = 0.02  # 20 ms audio frames, as WebRTC sends them
 MAX_UPLOAD = 50 << 20  # bytes of audio one /speak may send
-DEFAULT_MAX_SESSIONS = 8
 CONNECT_TIMEOUT_S = 30.0  # a peer that has not connected by then is closed
 
 
@@ -59,11 +59,11 @@ class AvatarVideo(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         session = self.session
-        wait = session.display_time(session.tick) - session.engine.clock()
+        wait = session.display_time(session.tick) - session.shared.clock()
         if wait > 0:
             await asyncio.sleep(wait)
         else:
-            session.skip_to(session.engine.clock())  # late: a viewer that stalled is not shown the past
+            session.skip_to(session.shared.clock())  # late: a viewer that stalled is not shown the past
         tick = session.tick
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(session.next_frame()), format="bgr24")
         frame.pts, frame.time_base = round(tick * VIDEO_CLOCK / session.fps), fractions.Fraction(1, VIDEO_CLOCK)
@@ -85,7 +85,7 @@ class DelayedSpeech(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        session, clock = self.session, self.session.engine.clock
+        session, clock = self.session, self.session.shared.clock
         if self.position is None:  # start on the session's timeline, now
             self.position = max(0, round((clock() - session.start) * self.rate))
         else:
@@ -105,7 +105,7 @@ class Peer:
     def __init__(self, server: AvatarServer) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.server = server
-        self.session = LiveSession(server.avatar, server.engine, name=self.id, **server.session_options)
+        self.session = LiveSession(server.avatar, server.shared, server.live, name=self.id)
         self.pc = RTCPeerConnection()
         self.tasks: set[asyncio.Task] = set()
         self.speaking: asyncio.Task | None = None
@@ -159,16 +159,13 @@ class Peer:
         await self.pc.close()
 
     def figures(self) -> dict:
-        stats, elapsed = self.session.stats, max(1e-6, self.session.engine.clock() - self.session.start)
+        """The session's figures (`Stats.summary`, as file mode reports them) with its id and state."""
+        session = self.session
+        stats = session.stats
         shown = stats.generated + stats.dropped + stats.idle
-        latency = np.array(stats.latencies) * 1000 if stats.latencies else np.zeros(1)
-        return {
-            "id": self.id, "state": self.pc.connectionState, "fps": round(shown / elapsed, 1),
-            "generated_fps": round(stats.generated / elapsed, 1), "generated": stats.generated,
-            "dropped": stats.dropped, "speaking": self.speaking is not None and not self.speaking.done(),
-            "latency_ms": {"p50": round(float(np.percentile(latency, 50)), 1),
-                           "p95": round(float(np.percentile(latency, 95)), 1)},
-        }  # fmt: skip
+        speaking = self.speaking is not None and not self.speaking.done()
+        return {"id": self.id, "state": self.pc.connectionState, "speaking": speaking,
+                **stats.summary(session.fps, shown)}  # fmt: skip
 
 
 def error(status: int, message: str) -> web.Response:
@@ -176,12 +173,11 @@ def error(status: int, message: str) -> web.Response:
 
 
 class AvatarServer:
-    """The aiohttp application: one avatar and one engine for every peer."""
+    """The aiohttp application: one avatar and one shared generator for every peer."""
 
-    def __init__(self, avatar: Avatar, engine: Engine, session_options: dict,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:  # fmt: skip
-        self.avatar, self.engine, self.session_options = avatar, engine, session_options
-        self.max_sessions = max_sessions
+    def __init__(self, avatar: Avatar, shared: SharedGenerator, live: LiveOptions) -> None:
+        self.avatar, self.shared, self.live = avatar, shared, live
+        self.max_sessions = live.max_sessions
         self.peers: dict[str, Peer] = {}
 
     def app(self) -> web.Application:
@@ -274,7 +270,7 @@ class AvatarServer:
         peers = [p for p in self.peers.values() if name is None or p.id == name]
         return web.json_response({
             "sessions": [p.figures() for p in peers], "max_sessions": self.max_sessions,
-            "generator_ms_per_frame": round(self.engine.seconds_per_frame * 1000, 1), "memory_mb": memory_mb(),
+            "generator_ms_per_frame": round(self.shared.seconds_per_frame * 1000, 1), "memory_mb": memory_mb(),
         })  # fmt: skip
 
     async def shutdown(self, app: web.Application) -> None:
@@ -312,22 +308,19 @@ def memory_mb() -> float:
         return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
-def build(sync, face: str, live: dict, options: dict, max_sessions: int = DEFAULT_MAX_SESSIONS) -> AvatarServer:
-    """The server's state: the avatar prepared once, the engine started."""
+def build(sync, face: str, live: LiveOptions, options: dict) -> AvatarServer:
+    """The server's state: the avatar prepared once, the shared generator started."""
     default_cpu_allocator()  # lipsync.LipSync tuned it for one long run; sessions come and go for days
     avatar = prepare_avatar(sync, face, **options)
-    engine = Engine(sync.generator, live.get("batch", 2), hp=sync.hp)
-    session_options = {k: live[k] for k in ("budget_ms", "idle", "silence_db") if k in live}
-    return AvatarServer(avatar, engine, session_options, max_sessions)
+    return AvatarServer(avatar, SharedGenerator(sync.generator, live.live_batch, hp=sync.hp), live)
 
 
-def serve(sync, face: str, host: str, port: int, live: dict, options: dict,
-          max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:  # fmt: skip
+def serve(sync, face: str, live: LiveOptions, options: dict) -> None:
     """Run the server until Ctrl-C."""
-    server = build(sync, face, live, options, max_sessions)
+    server = build(sync, face, live, options)
     print(f"avatar ready ({server.avatar.shape[1]}x{server.avatar.shape[0]}, {server.avatar.fps:g} fps): "
-          f"http://{host}:{port}/", file=sys.stderr)  # fmt: skip
+          f"http://{live.host}:{live.port}/", file=sys.stderr)  # fmt: skip
     try:
-        web.run_app(server.app(), host=host, port=port, print=None)
+        web.run_app(server.app(), host=live.host, port=live.port, print=None)
     finally:
-        server.engine.close()
+        server.shared.close()

@@ -2,7 +2,7 @@
 
 Boxes are found in a pass of their own before generation: they are small (a few hundred bytes a
 second), and smoothing needs to see 4 frames ahead. The stage keeps only boxes, never frames (frames are
-detected in batches as they stream by); with `cache_dir`, the raw detections of a video are stored keyed
+detected in batches as they stream by); with a cache folder, the raw detections of a video are stored keyed
 by its content and every setting they depend on, so a second run on the same video skips detection.
 
 With default options this is the original's computation: S3FD on every frame, each box padded by `pads`
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-import video
-from devices import BatchLimit, in_chunks
-from errors import UserError
+from common import video
+from common.atomic_files import write_text_atomic
+from common.devices import BatchLimit, in_chunks
+from common.errors import UserError
 from face_detection import Box
-from files import write_text_atomic
-from frames import FrameSource, check_region
-from options import Options
-from streams import Report, progress
+from lipsync.frames import FrameSource, check_region
+from lipsync.options import Options
+from lipsync.threads import Report, progress
 
 SMOOTH_WINDOW = 5  # frames averaged by the original's get_smoothened_boxes
 CACHE_VERSION = 2  # boxes stored as x1, y1, x2, y2 since version 1
@@ -142,8 +142,9 @@ def detection_batch_size(opts: Options, source: FrameSource) -> int:
     return min(opts.face_det_batch_size, opts.frames_within_budget(int(np.prod(source.shape))))
 
 
-def cache_path(opts: Options, source: FrameSource, weights: Path) -> Path:
-    """Cache file for this video's content and every setting the raw detections depend on."""
+def cache_path(cache_dir: str | Path, opts: Options, source: FrameSource, weights: Path) -> Path:
+    """Cache file (in `cache_dir`/boxes) for this video's content and every setting the raw detections
+    depend on."""
     key = {
         "version": CACHE_VERSION,
         "video": video.file_hash(source.info.path),
@@ -153,7 +154,7 @@ def cache_path(opts: Options, source: FrameSource, weights: Path) -> Path:
         "weights": [str(weights.resolve()), weights.stat().st_size if weights.is_file() else None],
     }  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return Path(opts.cache_dir) / f"{digest}.json"
+    return Path(cache_dir) / "boxes" / f"{digest}.json"
 
 
 def read_cache(path: Path) -> list[Box | None] | None:
@@ -169,12 +170,15 @@ class FaceBoxes:
     """The detect + smooth stage for one detector, loaded on first use (a run with `--box` never needs it).
 
     `detector_factory(max_side)` builds any object with face_detection's `get_detections_for_batch`;
-    `weights` (the detector's file) is part of the cache key. Keeps one batch limit for the detector's
-    life (halved on out-of-memory).
+    `weights` (the detector's file) is part of the cache key; `cache_dir` (optional) keeps the raw
+    detections of each video. Keeps one batch limit for the detector's life (halved on out-of-memory).
     """
 
-    def __init__(self, detector_factory: Callable[[int | None], object], weights: Path, quiet: bool = False) -> None:
-        self.factory, self.weights = detector_factory, weights
+    def __init__(
+        self, detector_factory: Callable[[int | None], object], weights: Path, cache_dir: str | Path | None = None,
+        quiet: bool = False,
+    ) -> None:  # fmt: skip
+        self.factory, self.weights, self.cache_dir = detector_factory, weights, cache_dir
         self.detectors: dict[int | None, object] = {}
         self.limit = BatchLimit(1 << 30, "face detection", quiet)
 
@@ -198,7 +202,7 @@ class FaceBoxes:
         self, source: FrameSource, opts: Options, n_needed: int, report: Report | None = None
     ) -> list[Box | None]:
         """Raw detections for (at least) the first `n_needed` frames, from the cache when it has them."""
-        cache = cache_path(opts, source, self.weights) if opts.cache_dir else None
+        cache = cache_path(self.cache_dir, opts, source, self.weights) if self.cache_dir else None
         if cache is not None and (boxes := read_cache(cache)) is not None:
             if not opts.quiet:
                 print(f"face boxes from the cache: {cache}", file=sys.stderr)

@@ -8,10 +8,11 @@ frame i of an utterance is shown at tick first + i, where `first` is the first t
 budget to be generated once its window is complete. The speech's audio, placed on the same timeline,
 is kept for the audio track (`audio_out`), so sound and mouth stay in sync.
 
-- Idle: while no speech arrives, or a frame's audio is quieter than `silence_db`, the avatar shows its
-  source frames, looping forward as the video does (`idle="generate"` runs the generator on silence).
+- Idle: while no speech arrives, or a frame's audio is quieter than the avatar's `silence_db`, the avatar
+  shows its source frames, looping forward as the video does (`idle="generate"` runs the generator on
+  silence).
 - Interruption (`interrupt`) drops everything queued for later ticks at once and returns to idle.
-- Bounded latency: the `Engine` takes, for each session in turn, its newest frame that can still be
+- Bounded latency: the `SharedGenerator` takes, for each session in turn, its newest frame that can still be
   ready before its tick; older frames that cannot are dropped, and the tick repeats the last frame shown.
   A frame's latency (from the moment its window was complete to the frame being ready) thus stays under
   the budget however long the stream runs, and when the machine cannot keep up, frames are dropped,
@@ -37,15 +38,12 @@ import numpy as np
 import torch
 
 import audio
-from crops import paste
-from generation import Generator, generator_workers
 from hparams import HParams, hparams
-from streaming import LOOKAHEAD_S, Avatar, SpeechFrame, SpeechFrames
+from lipsync.crops import paste
+from lipsync.generation import Generator, generator_workers
+from live.options import LiveOptions
+from live.stream import LOOKAHEAD_S, Avatar, SpeechFrame, SpeechFrames
 
-IDLE_CHOICES = ("source", "generate")
-DEFAULT_BUDGET_MS = 500
-DEFAULT_SILENCE_DB = -50.0  # RMS over a frame's 200 ms window, dB full scale: below it, a frame is silence
-LIVE_BATCH = 2  # frames per generator call: 2 costs ~15 % more CPU per frame than 16, but half the wait of 4
 BATCH_SHARE_OF_BUDGET = 0.5  # a generator call may take up to half the latency budget (the rest: waiting)
 AUDIO_KEPT_S = 10.0  # delayed speech kept for the audio track; older samples go, read or not
 LATENCIES_KEPT = 20_000  # per session, for the percentiles (13 minutes at 25 fps)
@@ -72,17 +70,22 @@ class Stats:
     dropped: int = 0  # speech frames not ready in time: the last frame repeated
     idle: int = 0  # source frames shown: no speech, silence, or no face
     speech_frames: int = 0  # frames of speech scheduled
+    errors: int = 0  # generator calls that failed on this session's frames (each also counted as drops)
     first_feed: float | None = None
     first_ready: float | None = None
     latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCIES_KEPT))
 
     def summary(self, fps: float, frames: int) -> dict:
-        """The figures of `frames` shown at `fps`: fps counts those not dropped (generated, or idle by design)."""
+        """The figures of `frames` shown at `fps`, for file mode's last line and the server's /health: fps
+        counts the frames not dropped (generated, or idle by design), generated_fps those generated."""
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
-        first = None if self.first_ready is None else round((self.first_ready - self.first_feed) * 1000, 1)
+        first = None if self.first_ready is None or self.first_feed is None else (
+            round((self.first_ready - self.first_feed) * 1000, 1))  # fmt: skip
+        rate = (lambda n: round(fps * n / frames, 2)) if frames else (lambda n: 0.0)
         return {
-            "frames": frames, "dropped": self.dropped,
-            "fps": round(fps * (frames - self.dropped) / frames, 2) if frames else 0.0, "first_frame_ms": first,
+            "frames": frames, "generated": self.generated, "dropped": self.dropped, "idle": self.idle,
+            "errors": self.errors, "fps": rate(frames - self.dropped), "generated_fps": rate(self.generated),
+            "first_frame_ms": first,
             "latency_ms": {k: round(float(v), 1) for k, v in
                            zip(("p50", "p95", "max"), (*np.percentile(lat, [50, 95]), lat.max()), strict=True)},
         }  # fmt: skip
@@ -100,7 +103,7 @@ def single_threaded_blas() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-class Engine:
+class SharedGenerator:
     """The generate stage for every live session: one model, worker threads, batches across sessions.
 
     Each worker takes up to `batch` frames, going round the sessions (the newest frame of each that can
@@ -108,10 +111,11 @@ class Engine:
     session. Keeps the sessions and a running estimate of the seconds a frame takes.
     """
 
-    def __init__(self, generator: Generator, batch: int = LIVE_BATCH, clock: Clock = time.monotonic,
+    def __init__(self, generator: Generator, batch: int, clock: Clock = time.monotonic,
                  hp: HParams = hparams, workers: int | None = None) -> None:  # fmt: skip
-        """`workers`: threads running the generator (default: as offline); 0 for none: the caller then runs
-        `take` and `finish` itself (a simulation)."""
+        """`batch`: frames per generator call (`LiveOptions.live_batch`); `workers`: threads running the
+        generator (default: as offline); 0 for none: the caller then runs `next_batch` and `finish` itself
+        (a simulation)."""
         self.generator, self.batch, self.clock, self.hp = generator, batch, clock, hp
         n_workers, self.threads = generator_workers(generator.device)
         self.workers = n_workers if workers is None else workers
@@ -150,7 +154,7 @@ class Engine:
         self._warm_up()
         while True:
             with self.lock:
-                while not self._closed and not (jobs := self.take(self.clock())):
+                while not self._closed and not (jobs := self.next_batch(self.clock())):
                     self.lock.wait(timeout=self._next_eligible())
                 if self._closed:
                     return
@@ -180,7 +184,7 @@ class Engine:
         finally:
             self._warm.release()
 
-    def take(self, now: float) -> list[Job]:
+    def next_batch(self, now: float) -> list[Job]:
         """Up to `batch` jobs, one session at a time in turn, each session's newest first; fewer when a batch
         would take more than half the tightest latency budget (a slow or busy machine)."""
         if not self.sessions:
@@ -209,15 +213,15 @@ class LiveSession:
     """One viewer's avatar: speech in (`feed`, `end`, `interrupt`), one frame per tick out (`next_frame`).
 
     `start` is the wall time (on `clock`) of tick 0. Thread-safe: audio may be fed from one thread while
-    frames are taken from another and generated on the engine's.
+    frames are taken from another and generated on the shared generator's.
     """
 
-    def __init__(self, avatar: Avatar, engine: Engine, *, budget_ms: float = DEFAULT_BUDGET_MS,
-                 idle: str = "source", silence_db: float = DEFAULT_SILENCE_DB, start: float | None = None,
-                 name: str = "") -> None:  # fmt: skip
-        self.avatar, self.engine, self.name = avatar, engine, name
-        self.fps, self.budget, self.idle, self.silence_db = avatar.fps, budget_ms / 1000, idle, silence_db
-        self.start = engine.clock() if start is None else start
+    def __init__(self, avatar: Avatar, shared: SharedGenerator, live: LiveOptions | None = None, *,
+                 start: float | None = None, name: str = "") -> None:  # fmt: skip
+        self.avatar, self.shared, self.name = avatar, shared, name
+        self.fps, self.budget = avatar.fps, (live or LiveOptions()).budget
+        self.idle, self.silence_db = avatar.opts.idle, avatar.opts.silence_db
+        self.start = shared.clock() if start is None else start
         self.frames = avatar.frame_loop()
         self.tick = 0  # the next tick to show
         self.plan: dict[int, Job | str] = {}  # tick → its Job, "idle" (silence) or "none" (no face)
@@ -230,16 +234,16 @@ class LiveSession:
         self.audio_out = DelayedAudio(avatar.hp.sample_rate)
         self.last_frame: np.ndarray | None = None
         self._silent_mel: np.ndarray | None = None
-        engine.add(self)
+        shared.add(self)
 
     def display_time(self, tick: int) -> float:
         return self.start + tick / self.fps
 
     def feed(self, samples: np.ndarray, now: float | None = None) -> None:
         """Speech as it arrives (16 kHz mono float32, any length); starts an utterance if none is on."""
-        now = self.engine.clock() if now is None else now
+        now = self.shared.clock() if now is None else now
         samples = np.asarray(samples, np.float32).ravel()
-        with self.engine.lock:
+        with self.shared.lock:
             if self.speech is None:
                 self.begin(now=now)
             if self.stats.first_feed is None:
@@ -254,8 +258,8 @@ class LiveSession:
 
     def end(self, now: float | None = None) -> int:
         """The utterance is over: its last frames (at least 0.2 s of speech is needed); returns its frame count."""
-        now = self.engine.clock() if now is None else now
-        with self.engine.lock:
+        now = self.shared.clock() if now is None else now
+        with self.shared.lock:
             if self.speech is None:
                 return 0
             speech, self.speech = self.speech, None
@@ -265,7 +269,7 @@ class LiveSession:
 
     def interrupt(self) -> None:
         """Drop every frame and sample queued for later ticks; the avatar is idle from the next tick."""
-        with self.engine.lock:
+        with self.shared.lock:
             self.speech = None
             self.end_tick = self.tick
             for table in (self.plan, self.pending, self.faces):
@@ -275,13 +279,13 @@ class LiveSession:
 
     def close(self) -> None:
         self.interrupt()
-        self.engine.remove(self)
+        self.shared.remove(self)
 
     def begin(self, first_tick: int | None = None, now: float | None = None) -> None:
         """Start an utterance (`feed` starts one by itself): its frame 0 shown at `first_tick`, by default
         the first tick a budget after that frame can be generated."""
-        now = self.engine.clock() if now is None else now
-        with self.engine.lock:
+        now = self.shared.clock() if now is None else now
+        with self.shared.lock:
             self.speech = SpeechFrames(self.fps, self.avatar.hp)
             if first_tick is None:
                 # frame i's window is complete once the audio up to i/fps + LOOKAHEAD_S has arrived, which is
@@ -295,11 +299,11 @@ class LiveSession:
             self.stats.speech_frames += 1
             if tick < self.tick:  # its tick was shown before its audio arrived (a stalled input): a drop
                 self.stats.dropped, self.stats.idle = self.stats.dropped + 1, self.stats.idle - 1
-            elif f.level_db < self.silence_db and self.idle == "source":
+            elif f.level_db < self.silence_db and self.idle == "keep":
                 self.plan[tick] = "idle"
             else:
                 self._queue(tick, f.mel, now)
-        self.engine.lock.notify_all()
+        self.shared.lock.notify_all()
 
     def _queue(self, tick: int, mel: np.ndarray, now: float) -> None:
         crop = self.avatar.crops[self.avatar.index(tick)]
@@ -310,7 +314,7 @@ class LiveSession:
         self.plan[tick] = self.pending[tick] = Job(self, tick, crop, mel, max(now, deadline - self.budget), deadline)
 
     def take(self, now: float, busy: float) -> Job | None:
-        """The newest job that may start now (engine lock held); older ones that can no longer be ready before
+        """The newest job that may start now (shared lock held); older ones that can no longer be ready before
         their tick (`busy` seconds from now) are dropped."""
         eligible = [t for t, job in self.pending.items() if job.eligible <= now]
         if not eligible:
@@ -321,7 +325,7 @@ class LiveSession:
         return self.pending.pop(newest)
 
     def deliver(self, job: Job, face: np.ndarray, now: float) -> None:
-        """A generated face (engine lock held): kept for its tick, unless that tick was already shown."""
+        """A generated face (shared lock held): kept for its tick, unless that tick was already shown."""
         if now > job.deadline or job.tick < self.tick or self.plan.get(job.tick) is not job:
             return
         self.faces[job.tick] = face
@@ -331,7 +335,7 @@ class LiveSession:
 
     def next_frame(self) -> np.ndarray:
         """The frame of the next tick: generated, repeated (its face was not ready: dropped) or the source's."""
-        with self.engine.lock:
+        with self.shared.lock:
             tick, self.tick = self.tick, self.tick + 1
             kind, face = self.plan.pop(tick, None), self.faces.pop(tick, None)
             self.pending.pop(tick, None)
@@ -358,14 +362,14 @@ class LiveSession:
             self.next_frame()
 
     def _queue_silence(self, tick: int) -> None:
-        """`idle="generate"`: a frame of silence for an idle tick (engine lock held)."""
+        """`idle="generate"`: a frame of silence for an idle tick (shared lock held)."""
         if tick in self.plan or tick < self.end_tick:
             return
         if self._silent_mel is None:
             silence = np.zeros(self.avatar.hp.n_fft * 8, np.float32)
             self._silent_mel = audio.melspectrogram(silence, self.avatar.hp)[:, : audio.MEL_STEP_SIZE]
-        self._queue(tick, self._silent_mel, self.engine.clock())
-        self.engine.lock.notify_all()
+        self._queue(tick, self._silent_mel, self.shared.clock())
+        self.shared.lock.notify_all()
 
 
 class DelayedAudio:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from errors import UserError
+from common.errors import UserError
 
 
 class PartialFile:

@@ -5,7 +5,7 @@ How a frame flows, stage by stage (each a module of its own; `LipSync.__call__` 
     decode          frames.FrameSource       the face input's frames, prepared (resize, rotate, crop)
     detect, smooth  face_boxes.FaceBoxes     one face box per video frame, in a first pass (cached)
     mel windows     audio.load_speech        the speech's mel window of each output frame
-    crop            generation.make_batches  the face crops of consecutive output frames, in batches
+    crop            crops.make_batches       the face crops of consecutive output frames, in batches
     generate        generation.Generator     Wav2Lip over the batches, on worker threads
     paste           crops.paste_batches      each generated face back into its frame
     encode          video.VideoWriter        H.264 + AAC, renamed into place once complete
@@ -32,19 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import audio
-import video
-from crops import feather_mask, paste_batches
-from devices import select_device, tune_cpu_allocator
-from errors import UserError
-from face_boxes import FaceBoxes
-from files import check_writable
-from frames import FrameSource, loop_frames
-from generation import Generator, batch_sizes, batches_in_flight, generator_workers, make_batches
+from common import video
+from common.atomic_files import check_writable
+from common.devices import select_device, tune_cpu_allocator
+from common.errors import UserError
 from hparams import HParams, hparams
-from options import BACKEND_CHOICES, DEFAULT_OUTFILE, Options
-from streams import Report, background, progress
+from lipsync.crops import feather_mask, make_batches, paste_batches
+from lipsync.face_boxes import FaceBoxes
+from lipsync.frames import FrameSource, loop_frames
+from lipsync.generation import Generator, Predict, Wav2LipTorch
+from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options
+from lipsync.threads import Report, background, progress
 
 OnFrame = Callable[[int, np.ndarray], None]
 
@@ -102,69 +103,66 @@ def encode(
 class LipSync:
     """The generator (and, when first needed, the face detector) loaded once, for any number of clips.
 
-    sync = LipSync("checkpoints/wav2lip_gan.pth")
+    sync = LipSync(ModelOptions(checkpoint_path="checkpoints/wav2lip_gan.pth"))   # or LipSync("...pth")
     for face, speech, out in jobs:
         print(sync(face, speech, out).line())
 
-    `detector`: any object with face_detection's `get_detections_for_batch`, instead of S3FD.
-    `backend="onnxruntime"` runs the generator and S3FD in ONNX Runtime, from `onnx_path` and
-    `detector_onnx_path`, or from exports of the weights made once into `cache_dir` (onnx_backend.py).
+    `model` holds what is loaded once (`options.ModelOptions`: weights, device, backend, cache folder); a
+    path stands for `ModelOptions(checkpoint_path=path)`. `detector`: any object with face_detection's
+    `get_detections_for_batch`, instead of S3FD. `backend="onnxruntime"` runs the generator and S3FD in
+    ONNX Runtime, from `onnx_path` and `detector_onnx_path`, or from exports of the weights made once into
+    `cache_dir`/onnx (onnx_models.py).
     """
 
     def __init__(
-        self,
-        checkpoint_path: str | Path,
-        device: str = "auto",
-        *,
-        fp16: bool = False,
-        detector_path: str | Path | None = None,
-        detector: object | None = None,
-        hp: HParams = hparams,
+        self, model: ModelOptions | str | Path, *, detector: object | None = None, hp: HParams = hparams,
         quiet: bool = False,
-        backend: str = "torch",
-        onnx_path: str | Path | None = None,
-        detector_onnx_path: str | Path | None = None,
-        cache_dir: str | Path | None = None,
-    ) -> None:
-        self.device = select_device(device)
-        if fp16 and self.device.type != "cuda":
+    ) -> None:  # fmt: skip
+        model = model if isinstance(model, ModelOptions) else ModelOptions(checkpoint_path=str(model))
+        self.model, self.hp, self.backend = model, hp, model.backend
+        self.device = select_device(model.device)
+        if model.fp16 and self.device.type != "cuda":
             raise UserError(f"--fp16 needs a CUDA GPU; the device is {self.device.type} (drop --fp16)")
-        if backend not in BACKEND_CHOICES or (fp16 and backend != "torch"):
-            raise UserError(f"--backend {backend}: choose one of {', '.join(BACKEND_CHOICES)} (--fp16: torch only)")
-        self.hp, self.backend = hp, backend
+        if model.fp16 and model.backend != "torch":
+            raise UserError("--fp16 runs with --backend torch only")
         if not quiet:
-            how = " in float16" if fp16 else " with ONNX Runtime" if backend == "onnxruntime" else ""
+            how = " in float16" if model.fp16 else " with ONNX Runtime" if model.backend == "onnxruntime" else ""
             print(f"Using {self.device} for inference{how}.", file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        if backend == "onnxruntime":
-            import onnx_backend
+        self.generator = Generator(self._forward(model, quiet), self.device, quiet)
+        factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(model, quiet)
+        detector_file = model.detector_onnx_path or detector_weights(model.detector_path)
+        self.face_boxes = FaceBoxes(factory, Path(detector_file), model.cache_dir, quiet)
 
-            path = onnx_backend.onnx_file("wav2lip", onnx_path, checkpoint_path, cache_dir, quiet)
-            self.generator = onnx_backend.OnnxGenerator(path, self.device, quiet)
-        else:
-            self.generator = Generator(checkpoint_path, self.device, fp16, quiet)
-        onnx_s3fd = (detector_onnx_path, cache_dir, quiet) if backend == "onnxruntime" else None
-        factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(detector_path, onnx_s3fd)
-        weights = Path(detector_onnx_path) if detector_onnx_path is not None else detector_weights(detector_path)
-        self.face_boxes = FaceBoxes(factory, weights, quiet)
+    def _forward(self, model: ModelOptions, quiet: bool) -> Predict:
+        """Wav2Lip's forward pass for the generate stage, in PyTorch or ONNX Runtime."""
+        if model.backend == "onnxruntime":
+            from common.onnx_export import onnx_file
+            from lipsync.onnx_models import SPECS, OnnxWav2Lip
 
-    def _s3fd_factory(self, detector_path: str | Path | None, onnx: tuple | None) -> Callable[[int | None], object]:
-        """S3FD on first use; with `onnx` = (detector_onnx_path, cache_dir, quiet), its forward pass in ONNX
-        Runtime (one session for every `max_side`)."""
+            path = onnx_file(SPECS["wav2lip"], model.onnx_path, model.checkpoint_path, model.cache_dir, quiet)
+            return OnnxWav2Lip(path, self.device)
+        return Wav2LipTorch(model.checkpoint_path, self.device, torch.float16 if model.fp16 else torch.float32)
+
+    def _s3fd_factory(self, model: ModelOptions, quiet: bool) -> Callable[[int | None], object]:
+        """S3FD on first use; with the ONNX backend, its forward pass in ONNX Runtime (one session for every
+        `max_side`)."""
 
         @functools.cache
         def network() -> object:
-            import onnx_backend
+            from lipsync.onnx_models import s3fd_network
 
-            return onnx_backend.s3fd_network(*onnx, detector_weights(detector_path), self.device)
+            weights = detector_weights(model.detector_path)
+            return s3fd_network(model.detector_onnx_path, model.cache_dir, quiet, weights, self.device)
 
         def build(max_side: int | None) -> object:
             import face_detection
 
             return face_detection.FaceAlignment(
                 face_detection.LandmarksType._2D, flip_input=False, device=self.device,
-                path_to_detector=detector_path, max_side=max_side, network=network() if onnx else None,
+                path_to_detector=model.detector_path, max_side=max_side,
+                network=network() if model.backend == "onnxruntime" else None,
             )  # fmt: skip
 
         return build
@@ -195,10 +193,7 @@ class LipSync:
         n_out = speech.n_frames
         boxes = self.face_boxes(source, opts, n_out, on_progress)
 
-        workers = generator_workers(self.device)[0]
-        cap = opts.wav2lip_batch_size or self.generator.default_batch_size
-        cap = min(cap, opts.frames_within_budget(source.frame_bytes, batches_in_flight(workers)))
-        sizes = batch_sizes(n_out, cap, workers)
+        cap, sizes = self.generator.plan(n_out, opts, source.frame_bytes)
         items = ((frame, boxes[index % len(boxes)], speech.starts[i])
                  for i, (index, frame) in enumerate(loop_frames(source, n_out, source.static)))  # fmt: skip
         batches = background(make_batches(items, self.hp.img_size, sizes))
@@ -221,23 +216,8 @@ def detector_weights(detector_path: str | Path | None) -> Path:
 
 
 def lipsync(
-    face: str | Path,
-    audio_path: str | Path,
-    checkpoint_path: str | Path,
-    outfile: str | Path = DEFAULT_OUTFILE,
-    *,
-    device: str = "auto",
-    fp16: bool = False,
-    detector_path: str | Path | None = None,
-    hp: HParams = hparams,
-    backend: str = "torch",
-    onnx_path: str | Path | None = None,
-    detector_onnx_path: str | Path | None = None,
-    **options,
-) -> Summary:
-    """Lip-sync one clip: `LipSync(checkpoint_path, ...)(face, audio_path, outfile, **options)`."""
-    quiet = options.get("quiet", False)
-    sync = LipSync(checkpoint_path, device, fp16=fp16, detector_path=detector_path, hp=hp, quiet=quiet,
-                   backend=backend, onnx_path=onnx_path, detector_onnx_path=detector_onnx_path,
-                   cache_dir=options.get("cache_dir"))  # fmt: skip
-    return sync(face, audio_path, outfile, **options)
+    face: str | Path, audio_path: str | Path, model: ModelOptions | str | Path,
+    outfile: str | Path = DEFAULT_OUTFILE, *, hp: HParams = hparams, **options,
+) -> Summary:  # fmt: skip
+    """Lip-sync one clip: `LipSync(model, hp=hp)(face, audio_path, outfile, **options)`."""
+    return LipSync(model, hp=hp, quiet=options.get("quiet", False))(face, audio_path, outfile, **options)

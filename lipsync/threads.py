@@ -72,25 +72,61 @@ def background(items: Iterable[T], depth: int = QUEUE_DEPTH) -> Iterator[T]:
         thread.join()
 
 
+class Workers:
+    """Calls run on `workers` threads with `threads` torch threads each; results taken in submission order.
+
+    The one thread pool of the pipeline: `ordered_map` pulls a stream through it, and a stream fed a little
+    at a time (`live.stream.AvatarStream`) submits to it as its batches complete. `close` (or leaving the
+    `with` block) waits for the calls in flight, drops those not started, and puts the calling thread's
+    torch threads back (new threads start from the last value set: the workers').
+    """
+
+    def __init__(self, workers: int, threads: int) -> None:
+        self.workers = workers
+        self.pending: collections.deque[Future] = collections.deque()
+        self._main_threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stage", initializer=torch.set_num_threads,
+                                        initargs=(threads,))  # fmt: skip
+
+    def submit(self, fn: Callable[..., R], *args: object) -> None:
+        self.pending.append(self._pool.submit(fn, *args))
+
+    @property
+    def backlogged(self) -> bool:
+        """More calls in flight than workers: the caller should take a result before submitting more."""
+        return len(self.pending) > self.workers
+
+    def next_ready(self, wait: bool = True) -> bool:
+        """Whether the oldest call has a result to take (waiting for it with `wait`)."""
+        return bool(self.pending) and (wait or self.pending[0].done())
+
+    def take(self) -> R:
+        """The oldest call's result (waiting for it); its exception is raised here."""
+        return self.pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._main_threads)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads: int) -> Iterator[R]:
     """`map(fn, items)` on `workers` threads with `threads` torch threads each, results in order.
 
     At most workers + 1 items are in flight.
     """
-    main_threads = torch.get_num_threads()
-    pending: collections.deque[Future] = collections.deque()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="stage", initializer=torch.set_num_threads,
-                              initargs=(threads,))  # fmt: skip
-    try:
+    with Workers(workers, threads) as pool:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(main_threads)  # new threads start from the last value set, the workers'
+            pool.submit(fn, item)
+            if pool.backlogged:
+                yield pool.take()
+        while pool.pending:
+            yield pool.take()
 
 
 def progress(

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -14,10 +14,10 @@ from fractions import Fraction
 import cv2
 import numpy as np
 
-import video
-from errors import UserError
+from common import video
+from common.errors import UserError
 from face_detection import Box
-from options import Options
+from lipsync.options import Options
 
 
 def region(values: Sequence[int], shape: tuple[int, ...]) -> Box:

@@ -3,22 +3,33 @@
 Both are the original's: the box is cut out and resized to `img_size`² (cv2's default INTER_LINEAR); the
 generated face is resized back to the box and pasted over it. `feather` is our opt-in alternative to
 the hard paste: it blends only the lower half of the face, fading to the frame at the crop's edges.
+A `Batch` is what travels from the crop stage through generation to the paste stage: consecutive output
+frames with their boxes, crops and mel windows.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from face_detection import Box
 
-if TYPE_CHECKING:
-    from generation import Batch
-
 FEATHER_FRACTION = 12  # feather margin = img_size / 12 (8 px of the 96×96 face)
+
+
+@dataclass
+class Batch:
+    """Consecutive output frames; those with a face carry a crop and a mel window for the generator."""
+
+    frames: list[np.ndarray]
+    boxes: list[Box | None]
+    faces: np.ndarray  # (n_with_face, S, S, 3) uint8
+    mel_starts: list[int]
+    generated: np.ndarray | None = None  # (n_with_face, S, S, 3) uint8
 
 
 def crop_faces(frames: Sequence[np.ndarray], boxes: Sequence[Box | None], img_size: int) -> np.ndarray:
@@ -26,6 +37,19 @@ def crop_faces(frames: Sequence[np.ndarray], boxes: Sequence[Box | None], img_si
     crops = [cv2.resize(f[b.y1 : b.y2, b.x1 : b.x2], (img_size, img_size))
              for f, b in zip(frames, boxes, strict=True) if b is not None]  # fmt: skip
     return np.stack(crops) if crops else np.zeros((0, img_size, img_size, 3), np.uint8)
+
+
+def make_batches(
+    items: Iterable[tuple[np.ndarray, Box | None, int]], img_size: int, sizes: Iterable[int]
+) -> Iterator[Batch]:
+    """The crop stage: (frame, box, mel start) grouped into batches of `sizes`, each face cropped."""
+    iterator = iter(items)
+    for size in sizes:
+        if not (chunk := tuple(itertools.islice(iterator, size))):
+            return
+        frames, boxes, starts = zip(*chunk, strict=True)
+        face_starts = [s for b, s in zip(boxes, starts, strict=True) if b is not None]
+        yield Batch(list(frames), list(boxes), crop_faces(frames, boxes, img_size), face_starts)
 
 
 def feather_mask(img_size: int) -> np.ndarray:

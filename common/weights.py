@@ -23,8 +23,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from errors import UserError
-from files import atomic_path
+from common.atomic_files import atomic_path
+from common.errors import UserError
 
 M = TypeVar("M", bound=nn.Module)
 

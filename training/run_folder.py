@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from checkpoints import save_checkpoint
-from errors import UserError
+from common.errors import UserError
+from common.weights import save_checkpoint
 from hparams import HParams
 
 try:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import random
 import sys
 import time
@@ -27,11 +28,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from checkpoint_io import exclusive, remove_partials
-from devices import torchrun_rank
-from files import check_writable, write_text_atomic
-from flags import add_arguments, option
+from common.atomic_files import check_writable, write_text_atomic
+from common.devices import torchrun_rank
+from common.flags import add_arguments, option
 from hparams import HParams, add_hparams_argument, from_argument
+from training.run_folder import check_finite, exclusive, remove_partials
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -201,6 +202,49 @@ def steps(loader: DataLoader, step: int, epoch: int, max_steps: int | None) -> I
         epoch += 1
 
 
+@dataclass
+class Progress:
+    """Where a run stands: its step and epoch, the last evaluation, the last checkpoint written, and the
+    last good one (named if the run diverges; the one resumed from until a first is written)."""
+
+    step: int
+    epoch: int
+    evaluation: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+    good: str | Path | None = None
+
+
+TrainStep = Callable[[Any, Callable[[dict[str, float]], None]], tuple[dict[str, float], int, dict[str, float], Any]]
+
+
+def run_loop(
+    loader: DataLoader, progress: Progress, max_steps: int | None, ctx: Context, monitor: Monitor, *,
+    train_step: TrainStep, evaluate: Callable[[], dict[str, float]], eval_due: Callable[[int], bool],
+    save_due: Callable[[int], bool], save: Callable[[int, int, Any, Any], Path],
+    evaluated: Callable[[dict[str, float]], dict[str, float]] = lambda evaluation: {},
+) -> Progress:  # fmt: skip
+    """The loop both trainers run: step, log; evaluate when due; save when due; and at the last step both.
+
+    `train_step(batch, check)` trains on one batch, calling `check(losses)` before each optimizer step so
+    that a non-finite loss stops the run (`run_folder.DivergedError`) before it reaches the weights; it
+    returns (losses, samples, scalars to log, its output for `save`). `evaluated(evaluation)` returns more
+    scalars to log with an evaluation (the sync-loss weight it switched on). `save(step, epoch, batch,
+    output)` writes the checkpoint on rank 0 and returns its path.
+    """
+    for step, epoch, batch, last in steps(loader, progress.step, progress.epoch, max_steps):
+        progress.step, progress.epoch = step, epoch
+        check = functools.partial(check_finite, progress.step, last_good=progress.good)
+        losses, samples, scalars, output = train_step(batch, check)
+        monitor.trained(progress.step, progress.epoch, losses, samples, **scalars)
+        if eval_due(progress.step) or last:
+            progress.evaluation = evaluate()
+            check({f"eval {k}": v for k, v in progress.evaluation.items()})
+            monitor.evaluated(progress.step, progress.evaluation, **evaluated(progress.evaluation))
+        if (save_due(progress.step) or last) and ctx.is_main:
+            progress.good = progress.path = save(progress.step, progress.epoch, batch, output)
+    return progress
+
+
 def eval_batches(requested: int | None, original: int, ctx: Context) -> int:
     """Val batches each rank evaluates: `--eval_steps` (or the original's count) shared among the ranks."""
     total = original if requested is None else requested
@@ -232,6 +276,24 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.step(optimizer)
     scaler.update()
     return not scaler.is_enabled() or scaler.get_scale() >= scale
+
+
+@dataclass
+class Stepper:
+    """One network's optimizer and gradient scaler, counting the steps the fp16 scaler skipped (reported at
+    the end, not divergence)."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    skipped: int = 0
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.skipped += not optimizer_step(loss, self.optimizer, self.scaler)
+
+    def scalars(self, skipped: int | None = None) -> dict[str, float]:
+        """The learning rate and the scaler's figures; `skipped`: a total over several networks' steppers."""
+        lr = {"lr": self.optimizer.param_groups[0]["lr"]}
+        return lr | amp_scalars(self.scaler, self.skipped if skipped is None else skipped)
 
 
 def finite_or_nan(

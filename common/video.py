@@ -31,11 +31,10 @@ import cv2
 import numpy as np
 from av.sidedata.sidedata import Type as SideDataType
 
-from errors import UserError
-from files import PartialFile
-from hparams import hparams
+from common.atomic_files import PartialFile
+from common.errors import UserError
 
-DEFAULT_FPS = Fraction(hparams.fps)  # when a stream states no rate at all: the rate Wav2Lip was trained at
+DEFAULT_FPS = Fraction(25)  # when a stream states no rate at all: the rate Wav2Lip was trained at (hparams.fps)
 VIDEO_CODEC = "libx264"
 PIX_FMT = "yuv420p"  # what every player decodes; needs even width and height
 DEFAULT_CRF = "18"  # visually lossless for x264; the original's final ffmpeg call used x264's default, 23

@@ -1,0 +1,96 @@
+"""The engine's networks in ONNX Runtime: their export specs, and forward passes that stand in for torch's.
+
+With `--backend onnxruntime` only the forward passes change: `OnnxWav2Lip` is the generate stage's
+`Predict` (same batches, chunks and worker threads as `generation.Wav2LipTorch`), and `s3fd_network` is
+S3FD's forward pass for `face_detection` (its decoding and NMS stay the same code). Without an `.onnx`
+path, a weight file is exported once into the cache (`common.onnx_export.cached_export`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.onnx_export import OnnxNet, Spec, onnx_file, open_session
+from common.weights import load_model, skeleton
+from lipsync.generation import generator_inputs, generator_workers, to_uint8
+
+
+class _PlainWav2Lip(nn.Module):
+    """Wav2Lip's forward pass on the whole batch (the original's), without `fine_chunk`'s split, which a
+    trace would fix to the example's batch size."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel: torch.Tensor, face: torch.Tensor) -> torch.Tensor:
+        from models.wav2lip import decode, encode
+
+        m = self.model
+        feats = encode(m.face_encoder_blocks, face)
+        return m.output_block(decode(m.face_decoder_blocks, m.audio_encoder(mel), feats))
+
+
+def _wav2lip(checkpoint_path: str | os.PathLike, flag: str) -> nn.Module:
+    from models import Wav2Lip
+    from models.conv import fold_batchnorm
+
+    return _PlainWav2Lip(fold_batchnorm(load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip", "cpu", flag)))
+
+
+def _wav2lip_examples(batch: int, seed: int, trace: bool) -> tuple:
+    """Mel windows and /255 faces."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 80, 16, generator=g), torch.rand(batch, 6, 96, 96, generator=g)
+
+
+def _s3fd(checkpoint_path: str | os.PathLike, flag: str) -> nn.Module:
+    from face_detection.detection.sfd.net_s3fd import s3fd
+
+    return load_model(skeleton(s3fd), checkpoint_path, "s3fd", "cpu", flag)
+
+
+def _s3fd_examples(batch: int, seed: int, trace: bool) -> tuple:
+    """Mean-subtracted pixels, at another frame size for the check than for the trace."""
+    size = (128, 128) if trace else (96, 160)
+    return (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed)) * 255 - 120,)
+
+
+_S3FD_OUT = tuple(f"{kind}{level}" for level in range(1, 7) for kind in ("cls", "reg"))
+SPECS = {
+    "wav2lip": Spec("wav2lip", ("mel", "face"), ("generated",),
+                    {"mel": {0: "batch"}, "face": {0: "batch"}, "generated": {0: "batch"}},
+                    _wav2lip, _wav2lip_examples, "--onnx_path"),
+    "s3fd": Spec("s3fd", ("image",), _S3FD_OUT,
+                 {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in _S3FD_OUT}
+                 | {"image": {0: "batch", 2: "height", 3: "width"}},
+                 _s3fd, _s3fd_examples, "--detector_onnx_path"),
+}  # fmt: skip
+
+
+class OnnxWav2Lip:
+    """Wav2Lip's forward pass in ONNX Runtime: one session whose `run` is thread-safe, so the generate
+    stage's workers share it, each run on `threads` threads (default: the torch path's per worker)."""
+
+    def __init__(self, onnx_path: str | os.PathLike, device: torch.device, threads: int | None = None) -> None:
+        threads = threads or generator_workers(device)[1]
+        self.net = OnnxNet(open_session(onnx_path, SPECS["wav2lip"], device, threads))
+
+    def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
+        mel, face = generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
+        return to_uint8(torch.from_numpy(self.net.run(None, mel.numpy(), face.numpy())[0]))
+
+
+def s3fd_network(
+    onnx_path: str | os.PathLike | None, cache_dir: str | os.PathLike | None, quiet: bool,
+    weights: str | os.PathLike, device: torch.device,
+) -> OnnxNet:  # fmt: skip
+    """S3FD's forward pass in ONNX Runtime, from `onnx_path` or the cached export of `weights`, with as
+    many threads as torch has (detection runs on the calling thread)."""
+    path = onnx_file(SPECS["s3fd"], onnx_path, weights, cache_dir, quiet, "--detector_path")
+    return OnnxNet(open_session(path, SPECS["s3fd"], device, torch.get_num_threads()))
