@@ -1,5 +1,10 @@
-"""Which device runs the networks, and which share of the work this process takes: decided once, at the
-top of each script, and passed down."""
+"""Which device runs the networks, in which precision, and which share of the work this process takes:
+decided once, at the top of each script, and passed down.
+
+Precision is one `(device, dtype)` pair for every network (`select_dtype`): float32 by default, because it
+is exact; bfloat16 on CUDA and on CPUs whose cores compute it (AVX512-BF16, AMX-BF16: oneDNN then runs bf16
+convolutions at twice fp32's rate or more); float16 on CUDA. `prepare_network` puts a module there.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,11 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 
 from common.errors import UserError
 
@@ -25,6 +32,51 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # glibc's default for both thresholds
 
 def mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names of the instructions oneDNN's bf16 uses
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16). Elsewhere oneDNN emulates bf16,
+    which is slower than fp32, so bf16 is only chosen where it pays."""
+    try:
+        flags = {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                 for word in line.split()}  # fmt: skip
+    except OSError:
+        return False
+    return bool(flags & BF16_CPU_FLAGS)
+
+
+def select_dtype(precision: str, device: torch.device, insist: bool = False) -> tuple[torch.dtype, str | None]:
+    """(the dtype every network runs in, a one-line note when another than asked was chosen).
+
+    fp16 needs CUDA (a `UserError` elsewhere). bf16 runs on CUDA GPUs that support it and on CPUs that
+    compute it; on a CPU without, fp32 runs instead with a note, unless `insist`.
+    """
+    if precision not in DTYPES:
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"--precision fp16 (--fp16) needs a CUDA GPU; the device is {device.type} (use bf16 or fp32)")
+    if precision != "bf16" or insist:
+        return DTYPES[precision], None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32, "this GPU has no bf16: running in fp32 (--precision fp16 is the fast choice here)"
+    if device.type == "cpu" and not cpu_computes_bf16():
+        return torch.float32, ("this CPU has no bf16 instructions (AVX512-BF16 or AMX): running in fp32, which is "
+                               "faster here (--force_precision runs bf16 anyway)")  # fmt: skip
+    if device.type == "mps":
+        return torch.float32, "bf16 is not used on Apple's MPS: running in fp32"
+    return torch.bfloat16, None
+
+
+def prepare_network(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model` for inference on `device` in `dtype`: eval mode, no gradients, and on a CPU in channels-last
+    (NHWC), oneDNN's fast layout for convolutions in every precision."""
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
 
 
 def select_device(name: str = "auto") -> torch.device:

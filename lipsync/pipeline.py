@@ -37,7 +37,7 @@ import torch
 import audio
 from common import video
 from common.atomic_files import check_writable
-from common.devices import select_device, tune_cpu_allocator
+from common.devices import select_device, select_dtype, tune_cpu_allocator
 from common.errors import UserError
 from hparams import HParams, hparams
 from lipsync.crops import feather_mask, make_batches, paste_batches
@@ -48,6 +48,7 @@ from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options
 from lipsync.threads import Report, background, progress
 
 OnFrame = Callable[[int, np.ndarray], None]
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -121,13 +122,12 @@ class LipSync:
         model = model if isinstance(model, ModelOptions) else ModelOptions(checkpoint_path=str(model))
         self.model, self.hp, self.backend = model, hp, model.backend
         self.device = select_device(model.device)
-        if model.fp16 and self.device.type != "cuda":
-            raise UserError(f"--fp16 needs a CUDA GPU; the device is {self.device.type} (drop --fp16)")
-        if model.fp16 and model.backend != "torch":
-            raise UserError("--fp16 runs with --backend torch only")
+        self.dtype, note = select_dtype(model.precision, self.device, model.force_precision)
+        if self.dtype != torch.float32 and model.backend != "torch":
+            raise UserError(f"--precision {model.precision} runs with --backend torch only")
         if not quiet:
-            how = " in float16" if model.fp16 else " with ONNX Runtime" if model.backend == "onnxruntime" else ""
-            print(f"Using {self.device} for inference{how}.", file=sys.stderr)
+            how = " with ONNX Runtime" if model.backend == "onnxruntime" else f" in {PRECISION_NAMES[self.dtype]}"
+            print(f"Using {self.device} for inference{how}." + (f" Note: {note}." if note else ""), file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self.generator = Generator(self._forward(model, quiet), self.device, quiet)
@@ -143,7 +143,7 @@ class LipSync:
 
             path = onnx_file(SPECS["wav2lip"], model.onnx_path, model.checkpoint_path, model.cache_dir, quiet)
             return OnnxWav2Lip(path, self.device)
-        return Wav2LipTorch(model.checkpoint_path, self.device, torch.float16 if model.fp16 else torch.float32)
+        return Wav2LipTorch(model.checkpoint_path, self.device, self.dtype)
 
     def _s3fd_factory(self, model: ModelOptions, quiet: bool) -> Callable[[int | None], object]:
         """S3FD on first use; with the ONNX backend, its forward pass in ONNX Runtime (one session for every

@@ -20,7 +20,7 @@ from lipsync.options import ModelOptions, Options
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 PAGE_ONLY = {"quiet"}  # console output: not the page's business
-MODEL_FIELDS = ("device", "fp16", "backend")  # the ModelOptions a job may choose (the checkpoint: its own control)
+MODEL_FIELDS = ("device", "precision", "backend")  # the ModelOptions a job may choose (the checkpoint: its own control)
 
 
 def page_fields() -> dict[str, tuple[dataclasses.Field, object]]:

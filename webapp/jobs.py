@@ -43,7 +43,7 @@ class JobCancelledError(Exception):
 
 
 class Models:
-    """The networks, loaded once and shared by every job: one `LipSync` per (checkpoint, device, fp16), the
+    """The networks, loaded once and shared by every job: one `LipSync` per (checkpoint, device, precision), the
     most recent `MODELS_KEPT` kept; one lock per device, so one job at a time runs on each."""
 
     def __init__(self, detector_path: str | None, detector: object | None, syncnet_path: str | None) -> None:
