@@ -3,7 +3,9 @@
 Containers (read the README's "Checkpoints" section):
 - training checkpoints, `{"state_dict", "optimizer", "global_step", "global_epoch"}` (+ our extra keys),
   for Wav2Lip, SyncNet_color and Wav2Lip_disc_qual; keys may carry DataParallel's `module.`;
-- raw state dicts: S3FD's `s3fd.pth` and syncnet_python's `syncnet_v2.model`.
+- raw state dicts: S3FD's `s3fd.pth` and syncnet_python's `syncnet_v2.model`;
+- BasicSR's `{"params_ema": sd}` or `{"params": sd}` (GFPGAN, CodeFormer): the EMA weights when both are
+  there, as both projects' own loaders prefer them.
 
 A file is recognised by its keys, so handing one model's file to another fails with a sentence naming
 both, not with a 300-line `load_state_dict` report. Checkpoints are written atomically: killing the
@@ -53,8 +55,20 @@ ARCHS = {
              "face_detection/detection/sfd/", "README.md, section 'Checkpoints'"),
         Arch("syncnet_python_S", "netcnnaud.0.weight", "syncnet_v2.model",
              "evaluation/", "evaluation/README.md"),
+        Arch("GFPGANv1Clean", "stylegan_decoder.style_conv1.bias", "GFPGANv1.4.pth",
+             "checkpoints/", "README.md, section 'Restoration'"),
+        Arch("CodeFormer", "ft_layers.0.self_attn.in_proj_weight", "codeformer.pth",
+             "checkpoints/", "README.md, section 'Restoration'"),
     ]
 }  # fmt: skip
+# Files of networks this project does not run, named when one is handed over by mistake (marker key → what).
+FOREIGN = {
+    "stylegan_decoder.style_conv1.activate.bias": "GFPGAN's original architecture (GFPGANv1.pth, the paper model, "
+    "or GFPGANBilinear)",
+    "encoder.conv_in.weight": "RestoreFormer",
+    "quantize.embedding.weight": "VQGAN (CodeFormer's stage I, vqgan_code1024.pth)",
+}
+BASICSR_KEYS = ("params_ema", "params")  # BasicSR's containers, preferred first (GFPGAN's and CodeFormer's loaders)
 
 
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,6 +80,14 @@ def identify(state_dict: Mapping[str, object]) -> str | None:
     """The architecture whose marker key the state dict holds, or None."""
     keys = set(strip_module_prefix(state_dict))
     return next((a.name for a in ARCHS.values() if a.marker in keys), None)
+
+
+def describe(state_dict: Mapping[str, object]) -> str:
+    """What a state dict is, for an error: one of our architectures, a known foreign one, or neither."""
+    if found := identify(state_dict):
+        return f"a {found} checkpoint"
+    foreign = next((what for marker, what in FOREIGN.items() if marker in state_dict), None)
+    return f"a checkpoint of {foreign}" if foreign else "not a checkpoint of any model of this project"
 
 
 def missing_file_message(path: str | os.PathLike, arch: str, flag: str = "--checkpoint_path") -> str:
@@ -140,9 +162,11 @@ def _few(items: list[str], n: int = 3) -> str:
 
 
 def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights of a training container or of a raw state dict, with `module.` removed."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    """The weights of a training container, a BasicSR container or a raw state dict, with `module.` removed."""
+    for key in ("state_dict", *BASICSR_KEYS):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()) or not obj:
         raise UserError(f"{path}: holds no state dict (expected a dict of tensors, or one under 'state_dict')")
     return strip_module_prefix(obj)
@@ -157,18 +181,24 @@ def load_weights(
     """
     obj = read_file(path, arch, flag)
     state_dict = state_dict_of(obj, path)
-    found = identify(state_dict)
-    if found != arch:
-        what = f"a {found} checkpoint" if found else "not a checkpoint of any model of this project"
-        raise UserError(f"{path}: this is {what}; {flag} expects {arch} ({ARCHS[arch].files})")
-    report = mismatch_report(model, state_dict)
-    if report and (strict or "wrong shape" in report):
-        raise UserError(f"{path}: {arch} weights that do not fit the model: {report}")
+    check_fits(model, state_dict, arch, path, flag, strict)
     if on_meta := any(p.is_meta for p in model.parameters()):
         own = model.state_dict()
         state_dict = {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=strict, assign=on_meta)
     return obj if isinstance(obj, dict) and "state_dict" in obj else {"state_dict": state_dict}
+
+
+def check_fits(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, path: str | os.PathLike, flag: str,
+    strict: bool = True,
+) -> None:  # fmt: skip
+    """A one-line `UserError` unless `state_dict` is `arch`'s and fits `model` (every key, every shape)."""
+    if identify(state_dict) != arch:
+        raise UserError(f"{path}: this is {describe(state_dict)}; {flag} expects {arch} ({ARCHS[arch].files})")
+    report = mismatch_report(model, state_dict)
+    if report and (strict or "wrong shape" in report):
+        raise UserError(f"{path}: {arch} weights that do not fit the model: {report}; use {ARCHS[arch].files}")
 
 
 def skeleton(cls: Callable[[], M]) -> M:
