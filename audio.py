@@ -25,8 +25,9 @@ import av
 import numpy as np
 import soxr
 
-from common import video
+from common import media_urls, video
 from common.errors import UserError
+from common.time_ranges import AUDIO_SLACK_S, TimeRange, audio_planes
 from hparams import HParams, hparams
 
 ABSURD_PEAK = 1000.0  # 60 dB above full scale: no recording holds such a sample, only damaged data
@@ -35,31 +36,42 @@ MEL_COLUMNS_PER_SECOND = 80  # sample_rate / hop_size = 16000 / 200
 SLANEY_HZ_PER_MEL = 200.0 / 3  # the linear part of Slaney's mel scale
 SLANEY_LOG_HZ = 1000.0  # where it turns logarithmic
 SLANEY_LOGSTEP = np.log(6.4) / 27.0
+SILENCE_FLOOR_DB = -200.0  # the level of digital silence, instead of -inf
 
 
-def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """The first audio stream of any container (judged by content): (channels × samples float32, its rate)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+def decode_audio(path: str | os.PathLike, span: TimeRange | None = None) -> tuple[np.ndarray, int]:
+    """The first audio stream of any container or URL (judged by content): (channels × samples float32, its
+    rate); only the samples in `span` (`time_ranges.audio_planes`: seeking, not decoding from the start)."""
+    path, span = os.fspath(path), span or TimeRange()
+    if not media_urls.is_url(path) and not os.path.isfile(path):
         raise UserError(f"{path}: audio file not found")
     try:
-        with av.open(path) as container:
+        with media_urls.open_input(path, "audio") as container:
             if not container.streams.audio:
                 raise UserError(f"{path}: has no audio stream")
             stream = container.streams.audio[0]
             native_rate = stream.codec_context.sample_rate or stream.rate
-            to_float = av.AudioResampler(format="fltp", layout=stream.layout.name, rate=native_rate)
-            planes = [
-                converted.to_ndarray() for frame in container.decode(stream) for converted in to_float.resample(frame)
-            ]
-            planes += [converted.to_ndarray() for converted in to_float.resample(None)]
+            duration = _duration(container, stream)
+            span.check(path, duration, native_rate, AUDIO_SLACK_S)
+            planes = list(audio_planes(container, stream, span, native_rate))
     except UserError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as e:
+        if media_urls.is_url(path):
+            raise media_urls.url_error(path, e) from None
         raise UserError(f"{path}: cannot be decoded as audio ({e})") from None
     if not planes or sum(p.shape[1] for p in planes) == 0:
+        if span.is_set:
+            raise span.empty_error(path, duration, "samples")
         raise UserError(f"{path}: the audio stream is empty (zero samples)")
     return np.concatenate(planes, axis=1).astype(np.float32, copy=False), native_rate
+
+
+def _duration(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float | None:
+    """The stream's duration in seconds as the container states it (None when it states none)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration else None
 
 
 def to_mono(planes: np.ndarray, native_rate: int, sr: int) -> np.ndarray:
@@ -227,6 +239,21 @@ def frame_mel_starts(n_columns: int, fps: float, n_frames: int) -> list[int]:
     return starts + [starts[-1]] * (n_frames - len(starts))
 
 
+def window_samples(start: int, hp: HParams = hparams) -> tuple[int, int]:
+    """The samples [lo, hi) that the mel window from column `start` is computed from: its 16 columns' STFT
+    frames, each n_fft wide around its centre (clipped at the signal's start). Silence is judged on these,
+    offline and live alike, so a frame is silent exactly when the generator would hear silence."""
+    hop, pad = hp.hop_length(), hp.n_fft // 2
+    return max(0, start * hop - pad), (start + MEL_STEP_SIZE - 1) * hop + pad
+
+
+def level_db(samples: np.ndarray) -> float:
+    """RMS level of `samples` in dB full scale (`SILENCE_FLOOR_DB` for digital silence or none at all): what
+    `--silence_db` is compared with, in inference.py (`--idle keep`) and in the live avatar."""
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
+    return 20 * float(np.log10(rms)) if rms > 0 else SILENCE_FLOOR_DB
+
+
 def mel_windows(mel: np.ndarray, starts: Sequence[int]) -> np.ndarray:
     """(n, 1, num_mels, 16) float32 windows starting at `starts`: the networks' audio input."""
     return np.stack([mel[:, s : s + MEL_STEP_SIZE] for s in starts])[:, None]
@@ -239,26 +266,31 @@ class Speech:
     mel: np.ndarray  # (num_mels, columns) float32
     starts: list[int]  # first mel column of each output frame's window
     gain: float = 1.0  # applied to the samples (1 unless they exceeded full scale); the encoder applies it too
+    levels_db: np.ndarray | None = None  # per output frame: `level_db` of the samples its window covers
 
     @property
     def n_frames(self) -> int:
         return len(self.starts)
 
 
-def load_speech_wav(path: str | os.PathLike, hp: HParams = hparams) -> tuple[np.ndarray, float]:
-    """The samples of any audio (or video) file, checked and brought within full scale, and the gain that did it."""
-    planes, rate = decode_audio(path)
+def load_speech_wav(
+    path: str | os.PathLike, hp: HParams = hparams, span: TimeRange | None = None
+) -> tuple[np.ndarray, float]:
+    """The samples of any audio (or video) file, checked and brought within full scale, and the gain that did
+    it; only those in `span` (`--audio_start/--audio_end`) when given."""
+    planes, rate = decode_audio(path, span)
     gain = speech_gain(planes, rate, path)
     return to_mono(planes * gain if gain != 1.0 else planes, rate, hp.sample_rate), gain
 
 
-def load_speech(path: str | os.PathLike, fps: float, hp: HParams = hparams) -> Speech:
-    """The speech of any audio (or video) file, checked before any work is done, as mel windows for
-    enough frames at `fps` to cover it."""
-    wav, gain = load_speech_wav(path, hp)
+def load_speech(path: str | os.PathLike, fps: float, hp: HParams = hparams, span: TimeRange | None = None) -> Speech:
+    """The speech of any audio (or video) file (its `span` when given), checked before any work is done, as
+    mel windows for enough frames at `fps` to cover it, and the level of each window."""
+    wav, gain = load_speech_wav(path, hp, span)
     mel = melspectrogram(wav, hp)
     n_frames = video.frames_to_cover(len(wav) / hp.sample_rate, fps)
-    return Speech(mel, frame_mel_starts(mel.shape[1], fps, n_frames), gain)
+    starts = frame_mel_starts(mel.shape[1], fps, n_frames)
+    return Speech(mel, starts, gain, np.array([level_db(wav[slice(*window_samples(s, hp))]) for s in starts]))
 
 
 GEMM_MIN_COLUMNS = 16  # OpenBLAS multiplies fewer columns by another kernel, whose round-off differs

@@ -21,7 +21,7 @@ import hashlib
 import itertools
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,10 +29,12 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from av.sidedata.sidedata import Type as SideDataType
 
+from common import media_urls
 from common.atomic_files import PartialFile
 from common.errors import UserError
+from common.orientation import Orientation, display_matrix, orientation_of, with_orientation
+from common.time_ranges import TimeRange, audio_planes, seek_video, still_image_error
 
 DEFAULT_FPS = Fraction(25)  # when a stream states no rate at all: the rate Wav2Lip was trained at (hparams.fps)
 VIDEO_CODEC = "libx264"
@@ -51,56 +53,8 @@ AAC_RATES = frozenset(av.codec.Codec(AUDIO_CODEC, "w").audio_rates)
 AAC_FALLBACK_RATE = 48000  # for input rates AAC cannot carry
 AUDIO_BITRATE = 192_000
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a file
+MAX_IMAGE_BYTES = 256 << 20  # a still image read from a URL
 CONTAINER_OF_SUFFIX = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
-FLIP_CODE = {(True, False): 1, (False, True): 0, (True, True): -1}  # cv2.flip's code for (hflip, vflip)
-
-
-@dataclass(frozen=True)
-class Orientation:
-    """How players show a decoded frame: transposed (for a quarter turn), then mirrored left-right and/or
-    upside down. Every quarter turn and mirror a display matrix can ask for is one of these eight."""
-
-    transpose: bool = False
-    hflip: bool = False
-    vflip: bool = False
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        if self.transpose:
-            image = cv2.transpose(image)
-        code = FLIP_CODE.get((self.hflip, self.vflip))
-        return image if code is None else cv2.flip(image, code)
-
-
-def orientation_of(matrix: Sequence[int] | None) -> Orientation:
-    """The Orientation of FFmpeg's 3×3 display matrix (row-major, 16.16 fixed point), read as FFmpeg's own
-    autorotation reads it: a quarter turn when the diagonal is the smaller part, the flips from the signs.
-    Angles between quarter turns snap to the nearest one."""
-    if matrix is None:
-        return Orientation()
-    a, b, _, c, d, *_ = matrix
-    if abs(b) > abs(a):
-        return Orientation(transpose=True, hflip=c < 0, vflip=b < 0)
-    return Orientation(hflip=a < 0, vflip=d < 0)
-
-
-def display_matrix(frame: av.VideoFrame) -> list[int] | None:
-    """The frame's display matrix side data (FFmpeg copies the container's onto every frame), if any.
-
-    Read from a 2×2 copy, which keeps the side data: PyAV 18 never frees a decoded frame whose `side_data`
-    was looked at (about a frame's worth of memory lost per call)."""
-    for data in frame.reformat(width=2, height=2, format="gray").side_data:
-        if data.type == SideDataType.DISPLAYMATRIX:
-            return np.frombuffer(bytes(data), np.int32).tolist()
-    return None
-
-
-def with_orientation(frames: Iterable[av.VideoFrame]) -> Iterator[tuple[av.VideoFrame, Orientation]]:
-    """Each decoded frame with its stream's Orientation, read once from the first frame."""
-    orientation = None
-    for frame in frames:
-        if orientation is None:
-            orientation = orientation_of(display_matrix(frame))
-        yield frame, orientation
 
 
 @dataclass(frozen=True)
@@ -108,7 +62,8 @@ class VideoInfo:
     """What the pipeline needs to know about a face input before decoding it.
 
     `width`/`height` are as displayed, after `orientation` (the display matrix's turn and mirror).
-    `n_frames` is the container's estimate (1 for an image).
+    `n_frames` is the container's estimate (1 for an image). `start_time`: the first frame's timestamp in
+    seconds, the zero of `iter_frames`' timeline (None when frames carry none).
     """
 
     path: str
@@ -120,15 +75,16 @@ class VideoInfo:
     orientation: Orientation
     has_audio: bool
     is_image: bool
+    start_time: Fraction | None = Fraction(0)
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Open `path`, decode its first frame, and describe it; a `UserError` if it cannot serve as video."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not media_urls.is_url(path) and not os.path.isfile(path):
         raise UserError(f"{path}: face video or image not found; check the path")
     try:
-        container = av.open(path)
+        container = media_urls.open_input(path)
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError):
         return _probe_image(path)
     with container:
@@ -144,8 +100,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         fps = _stream_fps(stream)
         duration = _duration(container, stream)
         n_frames = stream.frames or max(1, round(duration * fps))
+        start = None if first.pts is None else first.pts * Fraction(stream.time_base)
         return VideoInfo(
-            path, width, height, fps, n_frames, duration, orientation, bool(container.streams.audio), False
+            path, width, height, fps, n_frames, duration, orientation, bool(container.streams.audio), False, start
         )
 
 
@@ -172,7 +129,10 @@ def _probe_image(path: str) -> VideoInfo:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """A still image as BGR uint8, by content (any name, any case), with its EXIF orientation applied."""
     path = os.fspath(path)
-    data = np.fromfile(path, dtype=np.uint8)  # cv2.imread cannot open some non-ASCII paths
+    if media_urls.is_url(path):
+        data = np.frombuffer(media_urls.read_bytes(path, MAX_IMAGE_BYTES), np.uint8)
+    else:
+        data = np.fromfile(path, dtype=np.uint8)  # cv2.imread cannot open some non-ASCII paths
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise UserError(f"{path}: is neither a video nor an image that FFmpeg or OpenCV can read")
@@ -192,63 +152,122 @@ def _duration(container, stream) -> float:
     return container.duration / av.time_base if container.duration else 0.0
 
 
-def iter_frames(path: str | os.PathLike, *, fps: float | Fraction | None = None) -> Iterator[np.ndarray]:
+def iter_frames(
+    path: str | os.PathLike, *, fps: float | Fraction | None = None, span: TimeRange | None = None
+) -> Iterator[np.ndarray]:
     """Yield the frames of a video (or the one frame of an image) as BGR uint8 H×W×3, as displayed.
 
-    With `fps`, the timeline is resampled to that constant rate: output frame k (at k/fps seconds) shows
-    the latest input frame shown by then, so frames are dropped or repeated. A constant-rate video read
-    at its own rate comes out unchanged.
+    With `fps`, the timeline is resampled to that constant rate: output frame k (at k/fps seconds from the
+    first frame) shows the latest input frame shown by then, so frames are dropped or repeated. A
+    constant-rate video read at its own rate comes out unchanged. `span` keeps the frames k of that timeline
+    (at `fps`, or the stream's average rate) whose time lies in it (`TimeRange.first` to `stop`), decoding
+    from the keyframe before it rather than from the start. A URL that ends before the frames its
+    duration promises is a `UserError`.
     """
     path = os.fspath(path)
-    if probe(path).is_image:
+    info = probe(path)
+    if info.is_image:
+        if span is not None and span.is_set:
+            raise still_image_error(span.flags, path)
         yield read_image(path)
         return
-    frames = _decode(path)
-    yield from ((image for *_, image in frames) if fps is None else _resample(frames, Fraction(fps)))
+    if fps is None and (span is None or not span.is_set):
+        yield from (frame.bgr() for *_, frame in _decode(path))
+        return
+    rate, span = Fraction(fps or info.fps), span or TimeRange()
+    first, stop = span.first(rate), span.stop(rate)
+    seek = info.start_time + first / rate if first and info.start_time is not None else None
+    slot = first - 1
+    for slot, frame in _timeline(_decode(path, seek), rate, info.start_time if seek is not None else None):
+        if stop is not None and slot >= stop:
+            return
+        if slot >= first:
+            yield frame.bgr()
+    expected = min(stop or info.n_frames, math.floor(info.duration * rate))
+    if media_urls.is_url(path) and slot + 1 < expected - 1:
+        raise UserError(f"{path}: the stream ended early, at {(slot + 1) / rate:.2f} s of {info.duration:.2f} s "
+                        "(the connection dropped?)")  # fmt: skip
 
 
-def _decode(path: str) -> Iterator[tuple[Fraction | None, Fraction, np.ndarray]]:
-    """(timestamp or None, duration, BGR frame) per decoded frame, in seconds, as displayed."""
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded frame, turned into a BGR array as displayed only when shown: the frames before a range are
+    decoded (they lead from the keyframe to it) but never converted. Each call converts afresh, so a frame
+    shown twice gives two arrays (stages write into their frames)."""
+
+    frame: av.VideoFrame
+    orientation: Orientation
+
+    def bgr(self) -> np.ndarray:
+        return self.orientation.apply(self.frame.to_ndarray(format="bgr24"))
+
+
+def _decode(path: str, seek: Fraction | None = None) -> Iterator[tuple[Fraction | None, Fraction, Decoded]]:
+    """(timestamp or None, duration, frame) per decoded frame, in seconds; from the keyframe at or before
+    `seek`, or from the start where there is none (an imprecise index lands after it)."""
     try:
-        with av.open(path) as container:
+        with media_urls.open_input(path) as container:
             stream = container.streams.video[0]
             # frame threads overlap decoding with the rest of the pipeline; each holds frames of its own, so
             # above LARGE_FRAME_PIXELS (where one frame is tens of MB) slices of one frame are decoded in parallel
             large = stream.codec_context.width * stream.codec_context.height > LARGE_FRAME_PIXELS
             stream.thread_type = "SLICE" if large else "AUTO"
-            nominal = 1 / _stream_fps(stream)
-            for frame, orientation in with_orientation(container.decode(stream)):
-                time = Fraction(frame.pts) * stream.time_base if frame.pts is not None else None
-                duration = Fraction(frame.duration) * stream.time_base if frame.duration else nominal
-                image = frame.to_ndarray(format="bgr24")
-                yield time, duration, orientation.apply(image)
+            frames = _timed(container, stream, seek)
+            head = next(frames, None)
+            if seek is not None and head is not None and head[0] is not None and head[0] > seek:
+                frames.close()
+                container.seek(stream.start_time or 0, stream=stream)
+                frames = _timed(container, stream, None)
+                head = next(frames, None)
+            if head is not None:
+                yield head
+                yield from frames
     except av.error.FFmpegError as e:
+        if media_urls.is_url(path):
+            raise media_urls.url_error(path, e) from None
         raise UserError(f"{path}: decoding failed part way ({e})") from None
 
 
-def _resample(frames: Iterator[tuple[Fraction | None, Fraction, np.ndarray]], fps: Fraction) -> Iterator[np.ndarray]:
-    """Frame shown at t is held over output slots [ceil(t·fps), ceil(t_next·fps)); the last one until it ends."""
-    start = None
-    slot = 0  # the next output slot to fill
+def _timed(container, stream, seek: Fraction | None) -> Iterator[tuple[Fraction | None, Fraction, Decoded]]:
+    if seek is not None:
+        seek_video(container, stream, seek)
+    nominal = 1 / _stream_fps(stream)
+    for frame, orientation in with_orientation(container.decode(stream)):
+        time = Fraction(frame.pts) * stream.time_base if frame.pts is not None else None
+        duration = Fraction(frame.duration) * stream.time_base if frame.duration else nominal
+        yield time, duration, Decoded(frame, orientation)
+
+
+def _timeline(
+    frames: Iterator[tuple[Fraction | None, Fraction, Decoded]], fps: Fraction, origin: Fraction | None
+) -> Iterator[tuple[int, Decoded]]:
+    """(slot, frame) of the constant timeline at `fps` whose slot 0 is at `origin` (None: the first frame's
+    time): the frame shown at t holds slots [ceil((t - origin)·fps), ceil((t_next - origin)·fps)), the last
+    one until it ends, and at least one slot."""
+    slot = start = None  # the next slot to fill; the first one filled
     held, end = None, Fraction(0)
-    for index, (time, duration, image) in enumerate(frames):
+    for index, (time, duration, frame) in enumerate(frames):
         if time is None:  # no timestamps: assume the stream is already at the target rate
             time = Fraction(index) / fps
-        start = time if start is None else start
-        first_slot = math.ceil((time - start) * fps)
-        if held is not None:
-            for repeat in range(first_slot - slot):
-                yield held if repeat == 0 else held.copy()  # each output frame its own array: stages write in place
+        origin = time if origin is None else origin
+        first_slot = math.ceil((time - origin) * fps)
+        if held is None:
+            slot = start = max(0, first_slot)
+        else:
+            yield from ((s, held) for s in range(slot, first_slot))
             slot = max(slot, first_slot)
-        held, end = image, time - start + duration
+        held, end = frame, time - origin + duration
     if held is not None:
-        for repeat in range(max(0 if slot else 1, math.ceil(end * fps) - slot)):
-            yield held if repeat == 0 else held.copy()
+        yield from ((s, held) for s in range(slot, max(slot + (slot == start), math.ceil(end * fps))))
 
 
 def file_hash(path: str | os.PathLike) -> str:
-    """blake2b of a file's bytes: the identity of a video for the detection cache, whatever its name."""
+    """blake2b of a file's bytes: the identity of a video for the detection cache, whatever its name. A URL's
+    is its address's (hashing its content would download it whole)."""
     digest = hashlib.blake2b(digest_size=20)
+    if media_urls.is_url(path):
+        digest.update(f"url:{path}".encode())
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(HASH_BLOCK):
             digest.update(block)
@@ -274,6 +293,7 @@ class VideoWriter:
         audio_path: str | os.PathLike | None = None,
         *,
         audio_gain: float = 1.0,
+        audio_span: TimeRange | None = None,
         crf: str = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
     ) -> None:
@@ -292,7 +312,7 @@ class VideoWriter:
             self.video.options = {"crf": crf, "preset": preset}
             if self.width * self.height > LARGE_FRAME_PIXELS:
                 self.video.options |= {"preset": LOW_MEMORY_PRESET, "x264-params": LOW_MEMORY_X264}
-            self.audio_frames = _aac_frames(audio_path, audio_gain) if audio_path is not None else None
+            self.audio_frames = _aac_frames(audio_path, audio_gain, audio_span) if audio_path is not None else None
             self.audio = None
             if self.audio_frames is not None:
                 first = next(self.audio_frames, None)
@@ -376,22 +396,28 @@ def _as_rate(fps: float | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _aac_frames(audio_path: str | os.PathLike, gain: float = 1.0) -> Iterator[av.AudioFrame]:
-    """The first audio stream of a file as planar-float frames of exactly `AAC_FRAME_SIZE` samples, times `gain`.
+def _aac_frames(
+    audio_path: str | os.PathLike, gain: float = 1.0, span: TimeRange | None = None
+) -> Iterator[av.AudioFrame]:
+    """The first audio stream of a file (or URL) as planar-float frames of exactly `AAC_FRAME_SIZE` samples,
+    times `gain`; only the samples in `span` when given (`time_ranges.audio_planes`).
 
     Keeps the input's rate (if AAC can carry it) and its channels up to stereo; each frame's `pts` counts
     samples from zero.
     """
     audio_path = os.fspath(audio_path)
     try:
-        with av.open(audio_path) as container:
+        with media_urls.open_input(audio_path, "audio") as container:
             stream = container.streams.audio[0]
-            rate = stream.codec_context.sample_rate or stream.rate
+            native = rate = stream.codec_context.sample_rate or stream.rate
             rate = rate if rate in AAC_RATES else AAC_FALLBACK_RATE
             layout = "mono" if stream.codec_context.channels == 1 else "stereo"
             resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate, frame_size=AAC_FRAME_SIZE)
             samples = 0
-            frames = itertools.chain(container.decode(stream), [None])  # None flushes the resampler
+            decoded = container.decode(stream)
+            if span is not None and span.is_set:
+                decoded = _as_frames(audio_planes(container, stream, span, native), stream.layout.name, native)
+            frames = itertools.chain(decoded, [None])  # None flushes the resampler
             for out in (out for frame in frames for out in resampler.resample(frame)):
                 if gain != 1.0:
                     out = _scaled(out, gain)
@@ -399,6 +425,14 @@ def _aac_frames(audio_path: str | os.PathLike, gain: float = 1.0) -> Iterator[av
                 yield out
     except (av.error.FFmpegError, IndexError) as e:
         raise UserError(f"{audio_path}: cannot be decoded as audio ({e})") from None
+
+
+def _as_frames(blocks: Iterator[np.ndarray], layout: str, rate: int) -> Iterator[av.AudioFrame]:
+    """Float32 (channels × n) blocks as audio frames, for a resampler."""
+    for planes in blocks:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes), format="fltp", layout=layout)
+        frame.sample_rate = rate
+        yield frame
 
 
 def frames_to_cover(seconds: float, fps: float | Fraction) -> int:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common import video
 from common.atomic_files import write_text_atomic
 from common.devices import BatchLimit, in_chunks
 from common.errors import UserError
@@ -147,7 +146,7 @@ def cache_path(cache_dir: str | Path, opts: Options, source: FrameSource, weight
     depend on."""
     key = {
         "version": CACHE_VERSION,
-        "video": video.file_hash(source.info.path),
+        "video": source.identity(),
         "resize_factor": opts.resize_factor, "rotate": opts.rotate, "crop": source.crop,
         "det_max_side": opts.det_max_side, "det_every": opts.det_every,
         "face_det_batch_size": detection_batch_size(opts, source), "static": source.static,

@@ -2,8 +2,10 @@
 
 A video is decoded on a constant timeline at its average rate (`video.iter_frames`), then each frame is
 prepared as the original prepared it: shrunk by `resize_factor`, turned by `rotate`, cropped by `crop`.
-Nothing is kept between frames; the source is re-readable (each `iter()` decodes from the start), which
-is how a video shorter than the speech loops forward.
+With `start`/`end` only the frames of that time range are used (the first at or after `start`, up to the
+one before `end`), read by seeking to the keyframe before it. Nothing is kept between frames; the source is
+re-readable (each `iter()` decodes the range again, from a file or a URL), which is how a video shorter
+than the speech loops forward, within its range.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from common import video
 from common.errors import UserError
+from common.time_ranges import TimeRange, still_image_error
 from face_detection import Box
 from lipsync.options import Options
 
@@ -47,14 +50,19 @@ def prepare_frame(frame: np.ndarray, resize_factor: int, rotate: bool, crop: Box
 
 
 class FrameSource:
-    """Re-readable stream of prepared frames of the face input; knows its shape and rate up front."""
+    """Re-readable stream of prepared frames of the face input (its range); knows its shape and rate up front."""
 
     def __init__(self, info: video.VideoInfo, opts: Options, image_fps: float) -> None:
         self.info, self.opts = info, opts
         self.rate = None if info.is_image else info.fps  # constant timeline at the average rate
         self.fps = float(opts.fps or image_fps) if info.is_image else float(info.fps)
         self.static = opts.static or info.is_image
-        raw = next(video.iter_frames(info.path, fps=self.rate))
+        self.span = checked_range(opts.face_range, info)
+        raw = next(video.iter_frames(info.path, fps=self.rate, span=self.span), None)
+        if raw is None and self.span.is_set:
+            raise self.span.empty_error(info.path, info.duration, "frames")
+        if raw is None:
+            raise UserError(f"{info.path}: the face video yielded no frames")
         shrunk = prepare_frame(raw, opts.resize_factor, opts.rotate, None).shape
         self.crop = check_region(opts.crop, shrunk, "--crop")
         self.shape = prepare_frame(raw, opts.resize_factor, opts.rotate, self.crop).shape
@@ -69,9 +77,27 @@ class FrameSource:
         """The output's rate: exactly the video's own (a fraction such as 30000/1001), or the image's."""
         return self.fps if self.info.is_image else self.info.fps
 
+    def identity(self) -> str | list:
+        """What the frames are, for the detection cache: the video's content hash, and the range's frames."""
+        digest = video.file_hash(self.info.path)
+        if not self.span.is_set or self.rate is None:
+            return digest
+        return [digest, self.span.first(self.rate), self.span.stop(self.rate)]
+
     def __iter__(self) -> Iterator[np.ndarray]:
-        for frame in video.iter_frames(self.info.path, fps=self.rate):
+        for frame in video.iter_frames(self.info.path, fps=self.rate, span=self.span):
             yield prepare_frame(frame, self.opts.resize_factor, self.opts.rotate, self.crop)
+
+
+def checked_range(span: TimeRange, info: video.VideoInfo) -> TimeRange:
+    """`span`, which must lie within the video and hold a frame (a `UserError` naming the flags and the
+    video's duration otherwise); a range on a still image is an error too. It may end up to half a frame
+    past the stated duration, which containers round."""
+    if span.is_set and info.is_image:
+        raise still_image_error(span.flags, info.path)
+    if span.is_set:
+        span.check(info.path, info.duration, info.fps, 1 / (2 * info.fps))
+    return span
 
 
 def loop_frames(source: Iterable[np.ndarray], n: int, static: bool) -> Iterator[tuple[int, np.ndarray]]:

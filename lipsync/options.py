@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from common.devices import PRECISIONS
 from common.errors import UserError
 from common.flags import add_arguments, flag_fields, from_namespace, option
+from common.time_ranges import TimeRange
 
 __all__ = ["ModelOptions", "Options", "add_arguments", "from_namespace"]  # the flags' builders, for the scripts
 
@@ -78,6 +79,16 @@ class Options:
     silence_db: float = option(
         SILENCE_DB, "a frame whose 200 ms of audio is quieter than this (RMS, dB full scale) is silence"
     )
+    # time ranges (README, "Time ranges and URLs"): seconds or HH:MM:SS.ms, exact fractions (common/time_ranges.py)
+    start: str | float | None = option(
+        None, "use the face video from this time on (seconds, or HH:MM:SS.ms): its first frame at or after it"
+    )
+    end: str | float | None = option(
+        None, "use the face video up to this time (a frame at it excluded); the output still covers the speech, "
+        "the range looping",
+    )  # fmt: skip
+    audio_start: str | float | None = option(None, "use the speech from this time on (seconds, or HH:MM:SS.ms)")
+    audio_end: str | float | None = option(None, "use the speech up to this time (seconds, or HH:MM:SS.ms)")
     memory_budget: int = option(
         384, "MiB of decoded frames in flight between the stages; batches shrink to fit it on huge frames (4K)"
     )
@@ -96,6 +107,17 @@ class Options:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"--{name} must be positive, got {value}")
+        _ = self.face_range, self.audio_range  # parsed now: a malformed time fails before any work
+
+    @property
+    def face_range(self) -> TimeRange:
+        """`start`/`end` as exact seconds (the face video's part that is used)."""
+        return TimeRange.of(self.start, self.end, ("--start", "--end"))
+
+    @property
+    def audio_range(self) -> TimeRange:
+        """`audio_start`/`audio_end` as exact seconds (the speech's part that is used)."""
+        return TimeRange.of(self.audio_start, self.audio_end, ("--audio_start", "--audio_end"))
 
     @property
     def fixed_box(self) -> bool:

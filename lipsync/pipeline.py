@@ -44,6 +44,7 @@ from lipsync.crops import feather_mask, make_batches, paste_batches
 from lipsync.face_boxes import FaceBoxes
 from lipsync.frames import FrameSource, loop_frames
 from lipsync.generation import Generator, Predict, Wav2LipTorch
+from lipsync.idle import IdleFrames, frame_weights
 from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options
 from lipsync.threads import Report, background, progress
 
@@ -189,19 +190,21 @@ class LipSync:
         outfile = Path(outfile)
         check_writable(outfile.parent, "--outfile")
         source = FrameSource(video.probe(face), opts, self.hp.fps)
-        speech = audio.load_speech(audio_path, source.fps, self.hp)
+        speech = audio.load_speech(audio_path, source.fps, self.hp, opts.audio_range)
         n_out = speech.n_frames
         boxes = self.face_boxes(source, opts, n_out, on_progress)
 
         cap, sizes = self.generator.plan(n_out, opts, source.frame_bytes)
         items = ((frame, boxes[index % len(boxes)], speech.starts[i])
                  for i, (index, frame) in enumerate(loop_frames(source, n_out, source.static)))  # fmt: skip
-        batches = background(make_batches(items, self.hp.img_size, sizes))
+        idle = IdleFrames(frame_weights(speech, opts, source.fps))  # --idle keep: silent frames keep the source
+        batches = background(make_batches(idle.hold(items), self.hp.img_size, sizes))
         generated = self.generator(batches, speech.mel, cap)
         mask = feather_mask(self.hp.img_size) if opts.blend == "feather" else None
-        pasted = paste_batches(generated, mask, shared_frames=source.static)
+        pasted = idle.fade(paste_batches(generated, mask, shared_frames=source.static))
         height, width = source.shape[:2]
-        writer = video.VideoWriter(outfile, source.writer_fps, width, height, audio_path, audio_gain=speech.gain)
+        writer = video.VideoWriter(outfile, source.writer_fps, width, height, audio_path, audio_gain=speech.gain,
+                                   audio_span=opts.audio_range)  # fmt: skip
         with writer:
             missing = encode(progress(pasted, n_out, "lip-sync", opts.quiet, on_progress), writer, on_frame)
         return Summary(outfile, n_out, n_out / source.fps, time.perf_counter() - started, str(self.device),

@@ -48,7 +48,7 @@ from live.options import LIVE_DEFAULTS
 
 HOP_S = 1 / audio.MEL_COLUMNS_PER_SECOND  # 12.5 ms between mel columns
 LOOKAHEAD_S = (audio.MEL_STEP_SIZE - 1) * HOP_S + 0.025  # 212.5 ms: a window's last column, plus n_fft/2
-SILENCE_FLOOR_DB = -200.0  # the level of digital silence, instead of -inf
+SILENCE_FLOOR_DB = audio.SILENCE_FLOOR_DB  # the level of digital silence, instead of -inf
 
 
 @dataclass
@@ -101,11 +101,8 @@ class SpeechFrames:
             self._mel = np.concatenate([self._mel, columns], axis=1)
 
     def _frame(self, start: int) -> SpeechFrame:
-        hop, pad = self.hp.hop_length(), self.hp.n_fft // 2
-        lo = max(0, start * hop - pad - self._wav_start)
-        covered = self._wav[lo : (start + audio.MEL_STEP_SIZE - 1) * hop + pad - self._wav_start]
-        rms = float(np.sqrt(np.mean(np.square(covered, dtype=np.float64)))) if len(covered) else 0.0
-        level = 20 * float(np.log10(rms)) if rms > 0 else SILENCE_FLOOR_DB
+        lo, hi = audio.window_samples(start, self.hp)  # the samples it covers: silence is judged as offline
+        level = audio.level_db(self._wav[max(0, lo - self._wav_start) : hi - self._wav_start])
         window = self._mel[:, start - self._mel_start : start - self._mel_start + audio.MEL_STEP_SIZE]
         self.next += 1
         return SpeechFrame(self.next - 1, window.copy(), level)
