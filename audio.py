@@ -67,6 +67,17 @@ def decode_audio(path: str | os.PathLike, span: TimeRange | None = None) -> tupl
     return np.concatenate(planes, axis=1).astype(np.float32, copy=False), native_rate
 
 
+def media_duration(path: str | os.PathLike) -> float | None:
+    """The duration in seconds of the first audio stream of a file or URL, as its container states it."""
+    try:
+        with media_urls.open_input(path, "audio") as container:
+            if not container.streams.audio:
+                raise UserError(f"{path}: has no audio stream")
+            return _duration(container, container.streams.audio[0])
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise UserError(f"{path}: cannot be decoded as audio ({e})") from None
+
+
 def _duration(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float | None:
     """The stream's duration in seconds as the container states it (None when it states none)."""
     if stream.duration is not None and stream.time_base is not None:

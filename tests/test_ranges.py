@@ -111,10 +111,10 @@ def frames_of(sync, face, speech_path, out, **options) -> list[np.ndarray]:
 def test_range_run_equals_the_clip_cut_beforehand(sync, media, tmp_path):
     """--start/--end on the clip = the same range cut beforehand (frame for frame, looping within the range);
     --audio_start/--audio_end = the speech cut beforehand (sample for sample), and the output is that long."""
-    cut = cut_clip(media["clip"], tmp_path / "cut.mp4", "1.04", "1.6")  # frames 26..39
+    cut = cut_clip(media["clip"], tmp_path / "cut.mp4", "1.03", "1.59")  # frames 26..39
     wav, _ = audio.decode_audio(media["talk"])
     audio.save_wav(wav[0, 8000:30400] / 32768 * 32768, tmp_path / "cut.wav", SR)  # 0.5 s to 1.9 s
-    ranged = frames_of(sync, media["clip"], media["talk"], tmp_path / "a.mp4", start="00:00:01.04", end=1.6,
+    ranged = frames_of(sync, media["clip"], media["talk"], tmp_path / "a.mp4", start="00:00:01.03", end=1.59,
                        audio_start=0.5, audio_end="1.9")  # fmt: skip
     beforehand = frames_of(sync, cut, tmp_path / "cut.wav", tmp_path / "b.mp4")
     assert len(ranged) == len(beforehand) == 35  # 1.4 s of speech: the 14-frame range, looping
@@ -156,3 +156,19 @@ def test_bad_range_one_line(case, media, wav2lip_checkpoint, capsys, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
     assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
+
+
+def test_app_range_sliders_and_preview(media, tmp_path):
+    """The page's sliders are the options (0: unset), sized to the input; the preview is the range's first frame."""
+    pytest.importorskip("gradio")
+    from webapp import controls, ranges
+    from webapp.page import build_app
+
+    image, line = ranges.range_preview(str(media["clip"]), 1.04, 0)
+    assert np.array_equal(image, list(video.iter_frames(media["clip"], fps=25))[26][..., ::-1]) and "frame 26" in line
+    assert ranges.range_preview(str(media["clip"]), 5, 0)[1].startswith("Error: --start 5")
+    start, end = ranges.face_sliders(str(media["clip"]))
+    assert start.maximum == end.maximum == 3.0 and ranges.speech_sliders(str(media["talk"]))[1].maximum == 2.5
+    _, clip = controls.split_options({"checkpoint_path": "x.pth", "start": 1.04, "end": 0, "audio_end": 2.0})
+    assert clip["start"] == 1.04 and clip["end"] is None and clip["audio_end"] == 2.0
+    build_app(work_dir=tmp_path)  # the page builds with the sliders wired

@@ -17,6 +17,7 @@ import gradio as gr
 
 from common.errors import UserError
 from lipsync.options import ModelOptions, Options
+from webapp.ranges import RANGE_FIELDS
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 PAGE_ONLY = {"quiet"}  # console output: not the page's business
@@ -67,6 +68,8 @@ def option_value(f: dataclasses.Field, hint: object, value: object) -> object:
     base = base_type(hint)
     if typing.get_origin(base) is tuple:
         return parse_numbers(f.name, value)
+    if f.name in RANGE_FIELDS:  # a slider at 0: from the beginning, or to the end
+        return value or None
     if value is None or value == "":
         return f.default
     if base is int:

@@ -17,6 +17,7 @@ import gradio as gr
 from lipsync.options import ModelOptions
 from webapp.controls import checkpoint_choices, control, page_fields
 from webapp.jobs import App, Models, Workspace
+from webapp.ranges import RANGE_FIELDS, range_controls, wire
 
 MAX_AGE = 3600  # seconds Gradio keeps its copies of uploads and results (checked every MAX_AGE / 6)
 
@@ -28,18 +29,25 @@ def inputs_column(checkpoint_path: str | None) -> tuple[gr.File, gr.Audio, dict[
                       webcam_options=gr.WebcamOptions(mirror=False), elem_id="webcam")  # fmt: skip
     webcam.change(lambda path: path, inputs=webcam, outputs=face, api_visibility="private")
     audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Speech", elem_id="audio")
+    with gr.Accordion("Time ranges", open=False):
+        sliders = range_controls()
+        with gr.Row():
+            range_image = gr.Image(label="First frame of the range", interactive=False, height=200,
+                                   elem_id="range-preview")  # fmt: skip
+            range_line = gr.Textbox(label="Range", interactive=False, elem_id="range-line")
+    wire(face, audio, sliders, range_image, range_line)
     choices = checkpoint_choices(checkpoint_path)
     checkpoint = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True,
                              label="checkpoint_path", info=ModelOptions.__dataclass_fields__["checkpoint_path"]
                              .metadata["help"] + "; pick one from checkpoints/ or type a path",
                              elem_id="opt-checkpoint_path")  # fmt: skip
-    options = {"checkpoint_path": checkpoint}
+    options = {"checkpoint_path": checkpoint, **sliders}
     with gr.Accordion("Advanced", open=False):
-        fields = list(page_fields().values())
+        fields = [(f, hint) for f, hint in page_fields().values() if f.name not in RANGE_FIELDS]
         for start in range(0, len(fields), 3):
             with gr.Row():
                 options |= {f.name: control(f, hint) for f, hint in fields[start : start + 3]}
-    return face, audio, options
+    return face, audio, {"checkpoint_path": checkpoint} | {name: options[name] for name in page_fields()}  # API order
 
 
 def layout(app: App, checkpoint_path: str | None) -> None:
