@@ -1,12 +1,17 @@
-"""Export Wav2Lip's networks to ONNX: the generator, S3FD and syncnet_python's SyncNet.
+"""Export Wav2Lip's networks to ONNX: the generator, S3FD, Wav2Lip-HQ's ESRGAN and face parser, and
+syncnet_python's SyncNet.
 
     python export_onnx.py --model wav2lip --checkpoint_path checkpoints/wav2lip_gan.pth --out wav2lip_gan.onnx
     python export_onnx.py --model s3fd --checkpoint_path face_detection/detection/sfd/s3fd.pth --out s3fd.onnx
     python export_onnx.py --model syncnet --checkpoint_path syncnet_v2.model --out syncnet_v2.onnx
+    python export_onnx.py --model esrgan --checkpoint_path checkpoints/esrgan_yunying.pth --out esrgan.onnx
+    python export_onnx.py --model bisenet --checkpoint_path checkpoints/face_segmentation.pth --out bisenet.onnx
 
-The batch axis is dynamic (S3FD's height and width too). Each export is checked with `onnx.checker` and
-against PyTorch on random inputs, then renamed into place: a failed run leaves no file. Run the files with
-`inference.py --backend onnxruntime --onnx_path ... --detector_onnx_path ...` (README, "ONNX").
+The batch axis is dynamic (S3FD's, ESRGAN's and the face parser's height and width too). Each
+export is checked with `onnx.checker` and against PyTorch on random inputs, then renamed into place: a
+failed run leaves no file. Run the files with
+`inference.py --backend onnxruntime --onnx_path ... --detector_onnx_path ... --sr_onnx_path ...
+--segmentation_onnx_path ...` (README, "ONNX").
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 
 from common.errors import run_cli
 
-MODELS = ("wav2lip", "s3fd", "syncnet")  # the engine's networks (lipsync/onnx_models.py), then evaluation's
+MODELS = ("wav2lip", "s3fd", "esrgan", "bisenet", "syncnet")  # the engine's (lipsync/onnx_models.py), then evaluation's
 
 
 def specs() -> dict:
@@ -29,7 +34,7 @@ def specs() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export a network of Wav2Lip to ONNX")
     p.add_argument("--model", required=True, choices=MODELS, help="which network the checkpoint holds")
-    p.add_argument("--checkpoint_path", required=True, help="wav2lip(_gan).pth, s3fd.pth or syncnet_v2.model")
+    p.add_argument("--checkpoint_path", required=True, help="the network's weight file (see --model)")
     p.add_argument("--out", required=True, help="the .onnx file to write (its folder is created)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p

@@ -10,7 +10,7 @@ frames with their boxes, crops and mel windows.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -19,6 +19,7 @@ import numpy as np
 from face_detection import Box
 
 FEATHER_FRACTION = 12  # feather margin = img_size / 12 (8 px of the 96×96 face)
+Paster = Callable[[np.ndarray, Box, np.ndarray, "np.ndarray | None"], None]  # (frame, box, face, parse), in place
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Batch:
     boxes: list[Box | None]
     faces: np.ndarray  # (n_with_face, S, S, 3) uint8
     mel_starts: list[int]
-    generated: np.ndarray | None = None  # (n_with_face, S, S, 3) uint8
+    generated: np.ndarray | None = None  # (n_with_face, S', S', 3) uint8 (S' = S, or larger once enhanced)
+    parses: list[np.ndarray] | None = None  # per face: the 512×512 parse of its source crop (enhance stage)
 
 
 def crop_faces(frames: Sequence[np.ndarray], boxes: Sequence[Box | None], img_size: int) -> np.ndarray:
@@ -76,17 +78,22 @@ def paste(frame: np.ndarray, box: Box, face: np.ndarray, mask: np.ndarray | None
 
 
 def paste_batches(
-    batches: Iterable[Batch], mask: np.ndarray | None, shared_frames: bool
+    batches: Iterable[Batch], mask: np.ndarray | None, shared_frames: bool, paster: Paster | None = None
 ) -> Iterator[tuple[np.ndarray, bool]]:
     """The paste stage: each generated face back into its frame; yields (frame, had a face) in order.
 
     Pastes in place, or into a copy made here, one frame at a time, when the frames are `shared` (a
-    static face's one frame, yielded for every output frame).
+    static face's one frame, yielded for every output frame). `paster(frame, box, face, parse)` replaces
+    `paste` when given (the HQ path: `face_masks.MaskedPaste`), with the batch's parse of each face or None.
     """
     for batch in batches:
         faces = iter(batch.generated)
+        parses = iter(batch.parses) if batch.parses is not None else None
         for frame, box in zip(batch.frames, batch.boxes, strict=True):
             if box is not None:
                 frame = frame.copy() if shared_frames else frame
-                paste(frame, box, next(faces), mask)
+                if paster is None:
+                    paste(frame, box, next(faces), mask)
+                else:
+                    paster(frame, box, next(faces), next(parses) if parses is not None else None)
             yield frame, box is not None

@@ -8,7 +8,8 @@ generator's batch limit, which halves for good after an out-of-memory error.
 The forward pass is a `Predict` function handed to `Generator`: Wav2Lip in PyTorch (`Wav2LipTorch`, here)
 or in ONNX Runtime (`onnx_models.OnnxWav2Lip`); batching, chunking and threads are the same for both.
 Inputs are the original's datagen: the crop with its lower half zeroed, stacked with the unmasked crop as
-6 channels /255; outputs ×255 truncated to uint8.
+6 channels /255; outputs ×255 truncated to uint8. The enhance stage (enhance.py) runs on the same workers:
+its steps take the outputs before the truncation (`scaled`), and its face parser fills each batch's `parses`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -77,9 +79,14 @@ def generator_inputs(
     return torch.from_numpy(mels).to(device, dtype), face_input
 
 
+def to_scaled(pred: torch.Tensor) -> np.ndarray:
+    """(n, 3, S, S) in [0, 1] → (n, S, S, 3) float32 ×255, not rounded: what Wav2Lip-HQ's ESRGAN reads."""
+    return pred.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0
+
+
 def to_uint8(pred: torch.Tensor) -> np.ndarray:
     """(n, 3, S, S) in [0, 1] → (n, S, S, 3) uint8, truncated as the original's `astype(np.uint8)`."""
-    return (pred.float().cpu().numpy().transpose(0, 2, 3, 1) * 255.0).astype(np.uint8)
+    return to_scaled(pred).astype(np.uint8)
 
 
 class Wav2LipTorch:
@@ -97,17 +104,35 @@ class Wav2LipTorch:
 
     def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
+        return self.scaled(faces, mels).astype(np.uint8)
+
+    def scaled(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        """The generated faces before the truncation: float32 pred·255 (`to_scaled`)."""
         with torch.inference_mode():
             inputs = generator_inputs(faces, mels, self.device, self.dtype)
             inputs = (x.contiguous(memory_format=self.memory_format) for x in inputs)
-            return to_uint8(self.model(*inputs, fine_chunk=self.fine_chunk))
+            return to_scaled(self.model(*inputs, fine_chunk=self.fine_chunk))
+
+
+class EnhanceStage(Protocol):
+    """What the generate stage asks of the enhance stage (`enhance.Enhance`), which runs on its workers."""
+
+    def parse_batch(self, batch: Batch) -> None:
+        """Fill `batch.parses` from the batch's source frames and boxes."""
+        ...
 
 
 class Generator:
-    """The generate stage around a forward pass (`predict`), for any number of clips."""
+    """The generate stage around a forward pass (`predict`), for any number of clips.
 
-    def __init__(self, predict: Predict, device: torch.device, quiet: bool = False) -> None:
-        self.predict, self.device = predict, device
+    With an `enhance` stage, `predict` is the forward pass followed by its steps (`enhance.Enhanced`) and is
+    also given each face's source frame and box; the stage's face parser runs first, on the same worker.
+    `extra_bytes`: what a frame in flight holds besides its decoded frame (enhanced faces, parses), which
+    `plan` counts."""
+
+    def __init__(self, predict: Predict, device: torch.device, quiet: bool = False, *,
+                 enhance: EnhanceStage | None = None, extra_bytes: int = 0) -> None:  # fmt: skip
+        self.predict, self.device, self.enhance, self.extra_bytes = predict, device, enhance, extra_bytes
         self.default_batch_size = GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
         self.limit = BatchLimit(1 << 30, "the generator", quiet)
 
@@ -117,21 +142,28 @@ class Generator:
         the device's default, or fewer frames when the batches in flight would exceed the memory budget."""
         workers = generator_workers(self.device)[0]
         cap = opts.wav2lip_batch_size or self.default_batch_size
-        cap = min(cap, opts.frames_within_budget(frame_bytes, batches_in_flight(workers)))
+        cap = min(cap, opts.frames_within_budget(frame_bytes + self.extra_bytes, batches_in_flight(workers)))
         return cap, batch_sizes(n_frames, cap, workers)
 
     def generate(self, batch: Batch, mel: np.ndarray, cap: int) -> Batch:
-        """Fill `batch.generated`, in chunks of at most `cap` (and the batch limit)."""
+        """Fill `batch.generated` (and, with an enhance stage, `batch.parses`), in chunks of at most `cap`
+        (and the batch limit)."""
         if not len(batch.faces):
             batch.generated = batch.faces
             return batch
-        pairs = list(zip(mel_windows(mel, batch.mel_starts), batch.faces, strict=True))
+        if self.enhance is not None:
+            self.enhance.parse_batch(batch)
+        sources = [(f, b) for f, b in zip(batch.frames, batch.boxes, strict=True) if b is not None]
+        items = list(zip(mel_windows(mel, batch.mel_starts), batch.faces, sources, strict=True))
 
-        def run(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-            mels, faces = (np.stack(parts) for parts in zip(*chunk, strict=True))
-            return list(self.predict(faces, mels))
+        def run(chunk: list[tuple[np.ndarray, np.ndarray, tuple]]) -> list[np.ndarray]:
+            mels, faces, chunk_sources = zip(*chunk, strict=True)
+            if self.enhance is None:
+                return list(self.predict(np.stack(faces), np.stack(mels)))
+            frames, boxes = zip(*chunk_sources, strict=True)
+            return list(self.predict(np.stack(faces), np.stack(mels), frames, boxes))
 
-        batch.generated = np.stack(in_chunks(run, pairs, self.limit, cap))
+        batch.generated = np.stack(in_chunks(run, items, self.limit, cap))
         return batch
 
     def __call__(self, batches: Iterable[Batch], mel: np.ndarray, cap: int) -> Iterator[Batch]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from common.onnx_export import OnnxNet, Spec, onnx_file, open_session
 from common.weights import load_model, skeleton
-from lipsync.generation import generator_inputs, generator_workers, to_uint8
+from lipsync.generation import generator_inputs, generator_workers, to_scaled
 
 
 class _PlainWav2Lip(nn.Module):
@@ -60,6 +60,43 @@ def _s3fd_examples(batch: int, seed: int, trace: bool) -> tuple:
     return (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed)) * 255 - 120,)
 
 
+def _esrgan(checkpoint_path: str | os.PathLike, flag: str) -> nn.Module:
+    from lipsync.hq_weights import load_rrdbnet
+
+    return load_rrdbnet(checkpoint_path, flag)
+
+
+def _esrgan_examples(batch: int, seed: int, trace: bool) -> tuple:
+    """RGB faces in [0, 1], another size for the check than for the trace (multiples of 4: ×1 models fold
+    4×4 blocks)."""
+    size = (32, 32) if trace else (24, 40)
+    return (torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(seed)),)
+
+
+class _ParserHead(nn.Module):
+    """BiSeNet's main head alone (`parse`): what the paste stage's mask needs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.parse(image)
+
+
+def _bisenet(checkpoint_path: str | os.PathLike, flag: str) -> nn.Module:
+    from lipsync.hq_weights import load_bisenet
+
+    return _ParserHead(load_bisenet(checkpoint_path, flag)).eval()  # eval throughout: the export restores the mode
+
+
+def _bisenet_examples(batch: int, seed: int, trace: bool) -> tuple:
+    """ImageNet-normalised crops, smaller than the 512×512 the pipeline gives (any size runs; another for
+    the check than for the trace)."""
+    size = (128, 128) if trace else (96, 160)
+    return (torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)),)
+
+
 _S3FD_OUT = tuple(f"{kind}{level}" for level in range(1, 7) for kind in ("cls", "reg"))
 SPECS = {
     "wav2lip": Spec("wav2lip", ("mel", "face"), ("generated",),
@@ -69,6 +106,13 @@ SPECS = {
                  {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in _S3FD_OUT}
                  | {"image": {0: "batch", 2: "height", 3: "width"}},
                  _s3fd, _s3fd_examples, "--detector_onnx_path"),
+    "esrgan": Spec("esrgan", ("image",), ("upscaled",),
+                   {"image": {0: "batch", 2: "height", 3: "width"}, "upscaled": {0: "batch", 2: "out_height",
+                                                                              3: "out_width"}},
+                   _esrgan, _esrgan_examples, "--sr_onnx_path"),
+    "bisenet": Spec("bisenet", ("image",), ("logits",),
+                    {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in ("image", "logits")},
+                    _bisenet, _bisenet_examples, "--segmentation_onnx_path"),
 }  # fmt: skip
 
 
@@ -82,8 +126,12 @@ class OnnxWav2Lip:
 
     def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
+        return self.scaled(faces, mels).astype(np.uint8)
+
+    def scaled(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
+        """The generated faces before the truncation: float32 pred·255 (`generation.to_scaled`)."""
         mel, face = generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
-        return to_uint8(torch.from_numpy(self.net.run(None, mel.numpy(), face.numpy())[0]))
+        return to_scaled(torch.from_numpy(self.net.run(None, mel.numpy(), face.numpy())[0]))
 
 
 def s3fd_network(

@@ -24,6 +24,8 @@ DEFAULT_OUTFILE = "results/result_voice.mp4"
 UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
 NO_FACE_CHOICES = ("keep", "last", "error")
 BLEND_CHOICES = ("paste", "feather")
+HQ_MODES = ("fork", "soft")  # with --sr_path / --segmentation_path: Wav2Lip-HQ's output exactly, or ours (README, "HQ")
+MASK_REGIONS = ("face", "lower_face", "mouth")  # what the face parser's mask lets through (lipsync/face_masks.py)
 IDLE_CHOICES = ("generate", "keep")  # during silence: the generator's mouth (the original), or the source face
 SILENCE_DB = -50.0  # RMS of a frame's 200 ms window, dB full scale: below it the frame is silence (both doors)
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
@@ -72,6 +74,15 @@ class Options:
     blend: str = option(
         "paste", "paste the generated face (original) or feather its lower half into the frame", choices=BLEND_CHOICES
     )
+    hq_mode: str = option(
+        "fork", "with --sr_path or --segmentation_path: fork = Wav2Lip-HQ's output exactly (a hard mask at "
+        "512x512, the whole box rewritten); soft = a feathered mask, pixels outside it untouched, anti-aliased "
+        "shrinking of the super-resolved face, any ESRGAN scale", choices=HQ_MODES,
+    )  # fmt: skip
+    mask_region: str = option(
+        "face", "with --segmentation_path: the parsed regions that take the generated face: skin, mouth and lips "
+        "(the fork's), the same below the middle of the box only, or mouth and lips only", choices=MASK_REGIONS,
+    )  # fmt: skip
     idle: str = option(
         "generate", "frames whose 200 ms of audio is silent (--silence_db): generate them (the original) or keep "
         "the source face, fading in and out of speech", choices=IDLE_CHOICES,
@@ -151,9 +162,23 @@ class ModelOptions:
         None, "with --backend onnxruntime: S3FD's .onnx (default: exported from the S3FD weights, cached)"
     )
     cache_dir: str | None = option(
-        None, "a folder for what is worth keeping between runs: face boxes by the video's content (boxes/) and "
-        "ONNX exports (onnx/)",
+        None, "a folder for what is worth keeping between runs: face boxes by the video's content (boxes/), "
+        "face parses by the crop's content (parsing/) and ONNX exports (onnx/)",
     )  # fmt: skip
+    sr_path: str | None = option(
+        None, "Wav2Lip-HQ: ESRGAN weights (esrgan_yunying.pth, RealESRGAN_x4plus.pth) to super-resolve each "
+        "generated face before it is pasted",
+    )  # fmt: skip
+    segmentation_path: str | None = option(
+        None, "Wav2Lip-HQ: face-parser weights (face_segmentation.pth = face-parsing.PyTorch's 79999_iter.pth): "
+        "only the skin, mouth and lips of the source face are replaced (--mask_region, --hq_mode)",
+    )  # fmt: skip
+    sr_onnx_path: str | None = option(
+        None, "with --backend onnxruntime: ESRGAN's .onnx (default: exported from --sr_path, cached)"
+    )
+    segmentation_onnx_path: str | None = option(
+        None, "with --backend onnxruntime: the face parser's .onnx (default: exported from --segmentation_path, cached)"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self, skip=("device",))  # `select_device` checks it, a torchrun rank's cuda:N included

@@ -7,7 +7,8 @@ How a frame flows, stage by stage (each a module of its own; `LipSync.__call__` 
     mel windows     audio.load_speech        the speech's mel window of each output frame
     crop            crops.make_batches       the face crops of consecutive output frames, in batches
     generate        generation.Generator     Wav2Lip over the batches, on worker threads
-    paste           crops.paste_batches      each generated face back into its frame
+    enhance         enhance.Enhance          optional: super-resolution, the source crops' parse (same workers)
+    paste           crops.paste_batches      each generated face back into its frame (through the parse's mask)
     encode          video.VideoWriter        H.264 + AAC, renamed into place once complete
 
 Every stage after the first pass streams (an iterator in, an iterator out), so only a few batches are in
@@ -41,9 +42,10 @@ from common.devices import select_device, select_dtype, tune_cpu_allocator
 from common.errors import UserError
 from hparams import HParams, hparams
 from lipsync.crops import feather_mask, make_batches, paste_batches
+from lipsync.enhance import Enhanced, load_enhance
 from lipsync.face_boxes import FaceBoxes
 from lipsync.frames import FrameSource, loop_frames
-from lipsync.generation import Generator, Predict, Wav2LipTorch
+from lipsync.generation import Generator, Wav2LipTorch, generator_workers
 from lipsync.idle import IdleFrames, frame_weights
 from lipsync.options import DEFAULT_OUTFILE, ModelOptions, Options
 from lipsync.threads import Report, background, progress
@@ -131,19 +133,24 @@ class LipSync:
             print(f"Using {self.device} for inference{how}." + (f" Note: {note}." if note else ""), file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        self.generator = Generator(self._forward(model, quiet), self.device, quiet)
+        forward = self._forward(model, quiet)
+        self.enhance = load_enhance(model, self.device, self.dtype, generator_workers(self.device)[1], quiet)
+        self.generator = Generator(
+            Enhanced(forward.scaled, self.enhance) if self.enhance else forward, self.device, quiet,
+            enhance=self.enhance or None, extra_bytes=self.enhance.bytes_per_frame(hp.img_size) if self.enhance else 0,
+        )  # fmt: skip
         factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(model, quiet)
         detector_file = model.detector_onnx_path or detector_weights(model.detector_path)
         self.face_boxes = FaceBoxes(factory, Path(detector_file), model.cache_dir, quiet)
 
-    def _forward(self, model: ModelOptions, quiet: bool) -> Predict:
+    def _forward(self, model: ModelOptions, quiet: bool) -> Wav2LipTorch:
         """Wav2Lip's forward pass for the generate stage, in PyTorch or ONNX Runtime."""
         if model.backend == "onnxruntime":
             from common.onnx_export import onnx_file
             from lipsync.onnx_models import SPECS, OnnxWav2Lip
 
             path = onnx_file(SPECS["wav2lip"], model.onnx_path, model.checkpoint_path, model.cache_dir, quiet)
-            return OnnxWav2Lip(path, self.device)
+            return OnnxWav2Lip(path, self.device)  # type: ignore[return-value]  # the same interface
         return Wav2LipTorch(model.checkpoint_path, self.device, self.dtype)
 
     def _s3fd_factory(self, model: ModelOptions, quiet: bool) -> Callable[[int | None], object]:
@@ -186,6 +193,7 @@ class LipSync:
         run, which then leaves no output file.
         """
         opts = Options(**options)
+        self.enhance.check(opts)
         started = time.perf_counter()
         outfile = Path(outfile)
         check_writable(outfile.parent, "--outfile")
@@ -201,7 +209,7 @@ class LipSync:
         batches = background(make_batches(idle.hold(items), self.hp.img_size, sizes))
         generated = self.generator(batches, speech.mel, cap)
         mask = feather_mask(self.hp.img_size) if opts.blend == "feather" else None
-        pasted = idle.fade(paste_batches(generated, mask, shared_frames=source.static))
+        pasted = idle.fade(paste_batches(generated, mask, source.static, self.enhance.paster(opts, mask)))
         height, width = source.shape[:2]
         writer = video.VideoWriter(outfile, source.writer_fps, width, height, audio_path, audio_gain=speech.gain,
                                    audio_span=opts.audio_range)  # fmt: skip

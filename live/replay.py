@@ -23,6 +23,7 @@ import numpy as np
 import audio
 from common import video
 from common.atomic_files import check_writable
+from lipsync.options import Options
 from live.options import LiveOptions
 from live.sessions import LiveSession, SharedGenerator, Stats
 from live.stream import LOOKAHEAD_S, Avatar, AvatarStream, offline_layout, prepare_avatar, speech_starts
@@ -47,12 +48,14 @@ def replay(
     """
     live = live or LiveOptions()
     check_writable(Path(outfile).parent, "--outfile")
-    wav, gain = audio.load_speech_wav(audio_path, sync.hp)
+    span = Options(**options).audio_range  # --audio_start/--audio_end: the part of the speech that is said
+    wav, gain = audio.load_speech_wav(audio_path, sync.hp, span)
     avatar = prepare_avatar(sync, face, len(wav), **options)
     n_frames = len(speech_starts(len(wav), avatar.fps, sync.hp))
     chunk = max(1, round(live.chunk_ms * sync.hp.sample_rate / 1000))
     height, width = avatar.shape[:2]
-    writer = video.VideoWriter(outfile, avatar.source.writer_fps, width, height, audio_path, audio_gain=gain)
+    writer = video.VideoWriter(outfile, avatar.source.writer_fps, width, height, audio_path, audio_gain=gain,
+                               audio_span=span)  # fmt: skip
     with writer:
         write = _writer(writer, on_frame)
         if live.pace == "fast":

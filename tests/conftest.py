@@ -43,3 +43,26 @@ def s3fd_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("s3fd") / "s3fd.pth"
     torch.save(det_state_dict("s3fd"), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def esrgan_small(tmp_path_factory) -> Path:
+    """A small ×4 ESRGAN (16 features, 2 blocks: the pipeline's tests need speed, not the real size) of the
+    stand-in weights, in BasicSR's container as esrgan_yunying.pth."""
+    from models.rrdbnet import RRDBNet
+    from tools.detweights import sr_stand_in
+
+    path = tmp_path_factory.mktemp("esrgan") / "esrgan_small.pth"
+    torch.save({"params": sr_stand_in(RRDBNet(num_feat=16, num_block=2, num_grow_ch=8))}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def parser_weights(tmp_path_factory) -> Path:
+    """A face-parser file (a raw BiSeNet state dict, as face_segmentation.pth) of the stand-in weights."""
+    from models.bisenet import BiSeNet
+    from tools.detweights import parser_stand_in
+
+    path = tmp_path_factory.mktemp("bisenet") / "face_segmentation.pth"
+    torch.save(parser_stand_in(BiSeNet()), path)
+    return path

@@ -53,9 +53,10 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_files(wav2lip_checkpoint, s3fd_weights, syncnet_weights, cache_dir):
+def onnx_files(wav2lip_checkpoint, s3fd_weights, syncnet_weights, esrgan_small, parser_weights, cache_dir):
     """`onnx_files(model)`: its export (through the cache, as `--backend onnxruntime` makes it), once."""
-    sources = {"wav2lip": wav2lip_checkpoint, "s3fd": s3fd_weights, "syncnet": syncnet_weights}
+    sources = {"wav2lip": wav2lip_checkpoint, "s3fd": s3fd_weights, "syncnet": syncnet_weights,
+               "esrgan": esrgan_small, "bisenet": parser_weights}  # fmt: skip
     made: dict[str, Path] = {}
 
     def get(model: str) -> Path:

@@ -104,7 +104,9 @@ def test_audio_range_is_the_slice_of_a_full_decode(media):
 
 def frames_of(sync, face, speech_path, out, **options) -> list[np.ndarray]:
     frames = []
-    sync(face, speech_path, out, on_frame=lambda i, f: frames.append(f.copy()), box=(20, 100, 30, 120), **options)
+    sync(
+        face, speech_path, out, on_frame=lambda i, f: frames.append(f.copy()), **({"box": (20, 100, 30, 120)} | options)
+    )
     return frames
 
 
@@ -172,3 +174,16 @@ def test_app_range_sliders_and_preview(media, tmp_path):
     _, clip = controls.split_options({"checkpoint_path": "x.pth", "start": 1.04, "end": 0, "audio_end": 2.0})
     assert clip["start"] == 1.04 and clip["end"] is None and clip["audio_end"] == 2.0
     build_app(work_dir=tmp_path)  # the page builds with the sliders wired
+
+
+def test_realtime_file_mode_says_the_audio_range(sync, media, tmp_path):
+    """realtime.py's file mode takes --audio_start/--audio_end too: at --pace fast its frames are inference's."""
+    from live.options import LiveOptions
+    from live.replay import replay
+
+    options = {"box": (20, 100, 30, 120), "audio_start": 0.5, "audio_end": 1.3, "idle": "generate"}
+    live = []
+    replay(sync, media["clip"], media["talk"], tmp_path / "live.mp4", LiveOptions(pace="fast"),
+           on_frame=lambda i, f: live.append(f.copy()), **options)  # fmt: skip
+    offline = frames_of(sync, media["clip"], media["talk"], tmp_path / "offline.mp4", **options)
+    assert len(live) == len(offline) == 20 and all(np.array_equal(a, b) for a, b in zip(live, offline, strict=True))

@@ -125,3 +125,47 @@ def assert_stats(actual, stats: dict, rtol: float = 1e-4, atol: float = 1e-5) ->
     np.testing.assert_allclose(flat.std(), stats["std"], rtol=max(rtol, 1e-4), atol=atol, err_msg="std")
     np.testing.assert_allclose(flat.sum(), stats["sum"], rtol=max(rtol, 1e-4), atol=max(atol, 1e-3 * math.sqrt(n)))
     return worst
+
+
+# Stand-ins for Wav2Lip-HQ's two networks, so that the whole HQ path (and the fork's own code, for the parity
+# numbers in tests/data/hq) runs on image-like values without any released file. Each is the deterministic
+# state dict above with a documented tweak; they are not models of anything.
+SR_WEIGHT_SCALE = 0.05  # every deterministic RRDBNet weight and bias ×0.05: a small random texture...
+SR_BODY_GAIN = 0.1  # ...and conv_body ×0.1 more: 23 RRDBs (each ~1.2× identity) would otherwise grow it ~66×
+SR_CONTRAST, SR_OFFSET = 1.25, -0.1  # conv_last's identity path: y ≈ 1.25·x - 0.1, so both clamps are reached
+PARSER_BACKGROUND_GAIN = 0.5  # the main head's background row (class 0) ×0.5 ...
+PARSER_FACE_GAIN = 1.25  # ... and its skin, mouth and lip rows (1, 11, 12, 13) ×1.25
+PARSER_FACE_CLASSES = (1, 11, 12, 13)
+
+
+def sr_stand_in(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """RRDBNet weights (any size, ×4, ×2 or ×1: `model`'s own keys) whose output is an image: the
+    deterministic weights, scaled down, plus an identity path through channels 0-2 of every outer conv.
+
+    The input lies in [0, 1] and LeakyReLU passes non-negative values unchanged, so the network computes
+    about nearest-×scale(input)·1.25 - 0.1 (below 0 for dark pixels, above 1 for bright ones: both ends of
+    the output clamp are used) plus a small, content-dependent texture from all of its blocks. For ×2
+    and ×1 models (pixel-unshuffled inputs), the identity reads the first pixel of each folded block.
+    """
+    sd = OrderedDict((k, v * SR_WEIGHT_SCALE) for k, v in det_weights_like(model, "RRDBNet").items())
+    sd["conv_body.weight"] *= SR_BODY_GAIN
+    sd["conv_body.bias"] *= SR_BODY_GAIN
+    folded = sd["conv_first.weight"].shape[1] // 3  # input channels per colour (1, 4 or 16)
+    for name in ("conv_first", "conv_up1", "conv_up2", "conv_hr", "conv_last"):
+        weight, step = sd[f"{name}.weight"], folded if name == "conv_first" else 1
+        for c in range(3):
+            weight[c, c * step, 1, 1] += SR_CONTRAST if name == "conv_last" else 1.0
+    sd["conv_last.bias"][:3] += SR_OFFSET
+    return sd
+
+
+def parser_stand_in(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """BiSeNet weights whose parse of a face crop selects a face-shaped part of it: the deterministic
+    weights, with the main head's background row weakened and its face rows strengthened. On the test
+    media's drawn face and on real faces (mt_sun) about 60 % of the 512×512 parse is skin, mouth or lips,
+    with eyes, brows, hair and the drawn mouth left out: edges for a mask test to see."""
+    sd = det_weights_like(model, "BiSeNet")
+    head = sd["conv_out.conv_out.weight"]
+    head[0] *= PARSER_BACKGROUND_GAIN
+    head[list(PARSER_FACE_CLASSES)] *= PARSER_FACE_GAIN
+    return sd
