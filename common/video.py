@@ -185,8 +185,8 @@ def iter_frames(
             yield frame.bgr()
     expected = min(stop or info.n_frames, math.floor(info.duration * rate))
     if media_urls.is_url(path) and slot + 1 < expected - 1:
-        raise UserError(f"{path}: the stream ended early, at {(slot + 1) / rate:.2f} s of {info.duration:.2f} s "
-                        "(the connection dropped?)")  # fmt: skip
+        raise UserError(f"{path}: the stream ended early, at {float((slot + 1) / rate):.2f} s of "
+                        f"{info.duration:.2f} s (the connection dropped?)")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -97,6 +98,17 @@ def media(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("served")
     write_clip(d / "clip.mp4", 75)  # 3 s, a keyframe every 10 frames
     write_video(d / "talk.mp4", 10, audio=write_wav(d / "speech.wav", 1.2))
+    with (
+        av.open(str(d / "clip.mp4")) as src,
+        av.open(str(d / "fast.mp4"), "w", options={"movflags": "faststart"}) as out,
+    ):
+        stream = out.add_stream_from_template(src.streams.video[0])  # the index first: playable while it arrives
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    whole = (d / "fast.mp4").read_bytes()
+    (d / "short.mp4").write_bytes(whole[: len(whole) * 6 // 10])  # served whole, but 60 % of the file
     (d / "page.html").write_text("<!DOCTYPE html>\n<html><body><video src='clip.mp4'></video></body></html>\n" * 40)
     return d
 
@@ -169,6 +181,13 @@ def test_page_url_through_yt_dlp_reads_only_the_range(sync, media, server, tmp_p
     assert calls and all(c[:2] == (page, False) for c in calls)  # resolved, never downloaded by yt-dlp
     assert requests and all(r.get("user-agent") == "fake-yt-dlp/1.0" for r in requests)  # its headers sent
     media_urls.resolve_page.cache_clear()
+
+
+def test_a_stream_that_ends_early_is_refused(sync, server, tmp_path):
+    """A server that ends a file early, without any error, is caught by counting the frames that arrived."""
+    with pytest.raises(UserError, match=r"short\.mp4: the stream ended early, at [\d.]+ s of 3\.00 s"):
+        sync(f"{server[0]}/short.mp4", write_wav(tmp_path / "long.wav", 3.0), tmp_path / "out.mp4", box=BOX)
+    assert not (tmp_path / "out.mp4").exists()
 
 
 @pytest.fixture
