@@ -7,9 +7,9 @@
     python realtime.py --serve --host 127.0.0.1 --port 8080 --checkpoint_path checkpoints/wav2lip_gan.pth \
         --face face.mp4 --box 60 400 120 380
 
-File mode prints, as its last line, one JSON object: frames, dropped, fps, first_frame_ms and latency_ms
-(p50, p95, max). The inference flags that apply are inference.py's (built from options.py); see README.md,
-"Realtime".
+File mode prints, as its last line, one JSON object: frames, generated, dropped, idle, errors, fps,
+generated_fps, first_frame_ms, latency_ms (p50, p95, max) and precision. The inference flags that apply are
+inference.py's (built from options.py); see README.md, "Realtime".
 """
 
 from __future__ import annotations

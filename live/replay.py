@@ -6,8 +6,10 @@
   with its clock, idle, latency budget and drops; the output holds the frames shown at each tick.
 
 Either way the result is an H.264 + AAC file written atomically (as inference.py writes it) and a dict of
-figures: frames, dropped, fps, first_frame_ms and latency_ms (p50, p95, max), where a frame's latency runs
-from feeding the chunk that completed its mel window to the frame being ready.
+figures (`live.figures.Stats.summary`: frames, generated, dropped, idle, errors, fps, generated_fps,
+first_frame_ms and latency_ms: p50, p95, max) and the precision the generator ran in, where a frame's
+latency runs from feeding the chunk that completed its mel window to the frame being ready. A generator that
+keeps failing ends the run with `live.sessions.GeneratorError`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import audio
 from common import video
 from common.atomic_files import check_writable
 from lipsync.options import Options
+from live.figures import Stats, precision
 from live.options import LiveOptions
-from live.sessions import LiveSession, SharedGenerator, Stats
+from live.sessions import LiveSession, SharedGenerator
 from live.stream import LOOKAHEAD_S, Avatar, AvatarStream, offline_layout, prepare_avatar, speech_starts
 
 OnFrame = Callable[[int, np.ndarray], None]
@@ -59,8 +62,10 @@ def replay(
     with writer:
         write = _writer(writer, on_frame)
         if live.pace == "fast":
-            return _fast(sync, avatar, chunks_of(wav, chunk), n_frames, write, options)
-        return _realtime(sync, avatar, chunks_of(wav, chunk), n_frames, write, chunk / sync.hp.sample_rate, live)
+            figures = _fast(sync, avatar, chunks_of(wav, chunk), n_frames, write, options)
+        else:
+            figures = _realtime(sync, avatar, chunks_of(wav, chunk), n_frames, write, chunk / sync.hp.sample_rate, live)
+    return figures | {"precision": precision(sync)}
 
 
 def _writer(writer: video.VideoWriter, on_frame: OnFrame | None) -> OnFrame:

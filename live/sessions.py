@@ -17,6 +17,12 @@ is kept for the audio track (`audio_out`), so sound and mouth stay in sync.
   A frame's latency (from the moment its window was complete to the frame being ready) thus stays under
   the budget however long the stream runs, and when the machine cannot keep up, frames are dropped,
   evenly, instead of the stream falling behind.
+- Full batches: a frame waits up to a quarter of the budget for others to share its generator call. The
+  display delay is fixed (look-ahead + budget), so the wait costs the viewer nothing, and a batch of 4 takes
+  ~35 % less CPU a frame than frames one at a time: what lets bf16 keep up on 2 cores without drops.
+- Failures: a generator call that raises loses its frames (counted as drops and as `errors` in the stats
+  of each session they belonged to); its cause is logged once, with its traceback. A session whose frames
+  fail `FAILURES_TO_END` calls in a row ends: its next frame raises `GeneratorError`, with the cause.
 
 Per session: the mel state and a few samples (~10 kB), at most budget × fps queued windows and crops
 (~35 kB each), the generated faces awaiting their tick (27 kB each at 96×96), the delayed audio (under
@@ -26,27 +32,31 @@ Per session: the mel state and a few samples (~10 kB), at most budget × fps que
 from __future__ import annotations
 
 import bisect
-import collections
 import math
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import audio
+from common.errors import UserError
 from hparams import HParams, hparams
 from lipsync.crops import paste
 from lipsync.generation import Generator, generator_workers
+from live.figures import Stats
 from live.options import LiveOptions
 from live.stream import LOOKAHEAD_S, Avatar, SpeechFrame, SpeechFrames
 
 BATCH_SHARE_OF_BUDGET = 0.5  # a generator call may take up to half the latency budget (the rest: waiting)
+GATHER_SHARE_OF_BUDGET = 0.25  # a frame may wait this share of the budget for others to fill its batch
+FAILURES_TO_END = 3  # generator calls in a row that failed on a session's frames: the session ends
+CAUSES_LOGGED = 20  # distinct failure causes logged with their traceback; later ones are only counted
 AUDIO_KEPT_S = 10.0  # delayed speech kept for the audio track; older samples go, read or not
-LATENCIES_KEPT = 20_000  # per session, for the percentiles (13 minutes at 25 fps)
 Clock = Callable[[], float]
 
 
@@ -62,35 +72,6 @@ class Job:
     deadline: float  # its tick's display time
 
 
-@dataclass
-class Stats:
-    """What a session did: frames shown, by kind, and each generated frame's latency."""
-
-    generated: int = 0  # shown generated (speech, or silence with idle="generate")
-    dropped: int = 0  # speech frames not ready in time: the last frame repeated
-    idle: int = 0  # source frames shown: no speech, silence, or no face
-    speech_frames: int = 0  # frames of speech scheduled
-    errors: int = 0  # generator calls that failed on this session's frames (each also counted as drops)
-    first_feed: float | None = None
-    first_ready: float | None = None
-    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCIES_KEPT))
-
-    def summary(self, fps: float, frames: int) -> dict:
-        """The figures of `frames` shown at `fps`, for file mode's last line and the server's /health: fps
-        counts the frames not dropped (generated, or idle by design), generated_fps those generated."""
-        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
-        first = None if self.first_ready is None or self.first_feed is None else (
-            round((self.first_ready - self.first_feed) * 1000, 1))  # fmt: skip
-        rate = (lambda n: round(fps * n / frames, 2)) if frames else (lambda n: 0.0)
-        return {
-            "frames": frames, "generated": self.generated, "dropped": self.dropped, "idle": self.idle,
-            "errors": self.errors, "fps": rate(frames - self.dropped), "generated_fps": rate(self.generated),
-            "first_frame_ms": first,
-            "latency_ms": {k: round(float(v), 1) for k, v in
-                           zip(("p50", "p95", "max"), (*np.percentile(lat, [50, 95]), lat.max()), strict=True)},
-        }  # fmt: skip
-
-
 def single_threaded_blas() -> None:
     """NumPy's BLAS on one thread for the rest of the process (realtime.py calls it once, at the top).
 
@@ -101,6 +82,11 @@ def single_threaded_blas() -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
+
+
+class GeneratorError(UserError):
+    """A session's frames kept failing in the generator: the session ends, with the cause in its message
+    (one line; the traceback was logged when the cause first appeared)."""
 
 
 class SharedGenerator:
@@ -122,6 +108,8 @@ class SharedGenerator:
         self.lock = threading.Condition()
         self.sessions: list[LiveSession] = []
         self.seconds_per_frame = 0.0  # measured, per worker
+        self.errors, self.last_error = 0, None  # failed generator calls, and the last one's cause
+        self._causes: set[str] = set()  # the causes logged
         self._turn = 0
         self._closed = False
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"live-{i}")
@@ -155,16 +143,30 @@ class SharedGenerator:
         while True:
             with self.lock:
                 while not self._closed and not (jobs := self.next_batch(self.clock())):
-                    self.lock.wait(timeout=self._next_eligible())
+                    self.lock.wait(timeout=self._next_wake())
                 if self._closed:
                     return
             started = self.clock()
-            try:
-                faces = self.generator.predict(np.stack([j.crop for j in jobs]), np.stack([j.mel[None] for j in jobs]))
-            except Exception as e:  # noqa: BLE001 - the frames are dropped; the server and its sessions go on
-                print(f"generator failed on {len(jobs)} frames: {e}", file=sys.stderr)
-                continue
-            self.finish(jobs, faces, started, self.clock())
+            if (faces := self.generate(jobs)) is not None:
+                self.finish(jobs, faces, started, self.clock())
+
+    def generate(self, jobs: list[Job]) -> np.ndarray | None:
+        """The faces of `jobs`, or None when the generator raised: the failure is then counted against each
+        session whose frames it lost, and its cause logged (once per cause); the server goes on."""
+        try:
+            return self.generator.predict(np.stack([j.crop for j in jobs]), np.stack([j.mel[None] for j in jobs]))
+        except Exception as e:  # noqa: BLE001 - the frames are lost; the sessions count it, and go on or end
+            message = f"{type(e).__name__}: {e}"
+            with self.lock:
+                self.errors, self.last_error = self.errors + 1, message
+                first = message not in self._causes and len(self._causes) < CAUSES_LOGGED
+                self._causes.add(message)
+                for session in {id(j.session): j.session for j in jobs}.values():
+                    session.generator_failed(message)
+            if first:
+                print(f"the generator failed on {len(jobs)} frames (dropped; logged once per cause):", file=sys.stderr)
+                traceback.print_exception(e, file=sys.stderr)
+            return None
 
     def finish(self, jobs: list[Job], faces: np.ndarray, started: float, now: float) -> None:
         """Hand generated faces back to their sessions; learn how long a frame takes."""
@@ -176,21 +178,28 @@ class SharedGenerator:
                 job.session.deliver(job, face, now)
 
     def _warm_up(self) -> None:
-        """One call per batch size before the first frame: the first call of a shape builds its kernels."""
+        """One call per batch size before the first frame: the first call of a shape builds its kernels. A
+        generator that fails here fails on the first frames too, where it is counted and logged."""
         size, mels = self.hp.img_size, self.hp.num_mels
         try:
             for n in range(1, self.batch + 1):
                 self.generator.predict(np.zeros((n, size, size, 3), np.uint8), np.zeros((n, 1, mels, 16), np.float32))
+        except Exception:  # noqa: BLE001 - counted and logged where it fails again, on the first frames
+            pass
         finally:
             self._warm.release()
 
     def next_batch(self, now: float) -> list[Job]:
         """Up to `batch` jobs, one session at a time in turn, each session's newest first; fewer when a batch
-        would take more than half the tightest latency budget (a slow or busy machine)."""
+        would take more than half the tightest latency budget (a slow or busy machine), or when the oldest
+        frame that may start has waited its share of the budget (`gather_until`) for the batch to fill."""
         if not self.sessions:
             return []
         budget = min(s.budget for s in self.sessions)
         size = max(1, min(self.batch, int(BATCH_SHARE_OF_BUDGET * budget / max(self.seconds_per_frame, 1e-9))))
+        ready = self._ready_count(now)
+        if not ready or (ready < size and now < self.gather_until(now)):
+            return []
         busy = self.seconds_per_frame * size
         order = self.sessions[self._turn % len(self.sessions) :] + self.sessions[: self._turn % len(self.sessions)]
         self._turn += 1
@@ -202,11 +211,21 @@ class SharedGenerator:
                 order.append(session)  # its next job, after one of every other session's
         return jobs
 
-    def _next_eligible(self) -> float:
-        """Seconds until some queued job may start (a short wait at most: feeds also wake the workers)."""
+    def _ready_count(self, now: float) -> int:
+        return sum(job.eligible <= now for s in self.sessions for job in s.pending.values())
+
+    def gather_until(self, now: float) -> float:
+        """When the oldest frame that may start now stops waiting for others to fill its batch (inf if none)."""
+        budget = min((s.budget for s in self.sessions), default=0.0)
+        oldest = min((j.eligible for s in self.sessions for j in s.pending.values() if j.eligible <= now), default=None)
+        return math.inf if oldest is None else oldest + GATHER_SHARE_OF_BUDGET * budget
+
+    def _next_wake(self) -> float:
+        """Seconds until a job may start or a gathering batch must go (a short wait at most: feeds also wake
+        the workers)."""
         now = self.clock()
-        times = [job.eligible for s in self.sessions for job in s.pending.values()]
-        return min(0.05, max(0.001, min(times, default=now + 0.05) - now))
+        times = [job.eligible for s in self.sessions for job in s.pending.values() if job.eligible > now]
+        return min(0.05, max(0.001, min([*times, self.gather_until(now)], default=now + 0.05) - now))
 
 
 class LiveSession:
@@ -233,6 +252,8 @@ class LiveSession:
         self.stats = Stats()
         self.audio_out = DelayedAudio(avatar.hp.sample_rate)
         self.last_frame: np.ndarray | None = None
+        self.failure: str | None = None  # why the session ended (the generator kept failing), if it did
+        self._failures_in_a_row = 0
         self._silent_mel: np.ndarray | None = None
         shared.add(self)
 
@@ -317,7 +338,7 @@ class LiveSession:
         """The newest job that may start now (shared lock held); older ones that can no longer be ready before
         their tick (`busy` seconds from now) are dropped."""
         eligible = [t for t, job in self.pending.items() if job.eligible <= now]
-        if not eligible:
+        if not eligible or self.failure is not None:
             return None
         newest = max(eligible)
         for tick in [t for t, job in self.pending.items() if job.deadline < now + busy and t != newest]:
@@ -326,6 +347,7 @@ class LiveSession:
 
     def deliver(self, job: Job, face: np.ndarray, now: float) -> None:
         """A generated face (shared lock held): kept for its tick, unless that tick was already shown."""
+        self._failures_in_a_row = 0
         if now > job.deadline or job.tick < self.tick or self.plan.get(job.tick) is not job:
             return
         self.faces[job.tick] = face
@@ -333,9 +355,22 @@ class LiveSession:
         if self.stats.first_ready is None:
             self.stats.first_ready = now
 
+    def generator_failed(self, message: str) -> None:
+        """A generator call lost some of this session's frames (shared lock held): counted; the session ends
+        after `FAILURES_TO_END` in a row."""
+        self.stats.errors += 1
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= FAILURES_TO_END and self.failure is None:
+            self.failure = (f"the generator failed {self._failures_in_a_row} times in a row on this session's "
+                            f"frames ({message}); the session ends")  # fmt: skip
+            self.pending.clear()
+
     def next_frame(self) -> np.ndarray:
-        """The frame of the next tick: generated, repeated (its face was not ready: dropped) or the source's."""
+        """The frame of the next tick: generated, repeated (its face was not ready: dropped) or the source's;
+        `GeneratorError` once the session has ended."""
         with self.shared.lock:
+            if self.failure is not None:
+                raise GeneratorError(self.failure)
             tick, self.tick = self.tick, self.tick + 1
             kind, face = self.plan.pop(tick, None), self.faces.pop(tick, None)
             self.pending.pop(tick, None)

@@ -9,9 +9,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from audio import save_wav
+from lipsync.generation import Generator
+from lipsync.options import ModelOptions
+from lipsync.pipeline import LipSync
+from tests.media import FakeDetector, speech, write_video
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root, where the scripts live
@@ -43,6 +49,38 @@ def s3fd_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("s3fd") / "s3fd.pth"
     torch.save(det_state_dict("s3fd"), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sync(wav2lip_checkpoint) -> LipSync:
+    """A `lipsync.LipSync` of the deterministic weights (fp32, CPU) with the fake detector of tests/media.py."""
+    return LipSync(ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def painted_sync(wav2lip_checkpoint) -> LipSync:
+    """As `sync`, with `tests.live_frames.MelPainter` as its forward pass: its mouth shows which mel window and
+    crop it was given, so a live frame can be told from its neighbours' (the test weights' mouth hardly
+    depends on the audio)."""
+    from tests.live_frames import MelPainter  # (imports aiortc: only the realtime tests need it)
+
+    painted = LipSync(
+        ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True
+    )
+    painted.generator = Generator(MelPainter(), painted.device, quiet=True)
+    return painted
+
+
+@pytest.fixture(scope="session")
+def talk_media(tmp_path_factory) -> dict[str, Path]:
+    """The server tests' media: a 25-frame 160x128 face video, a WAV of 1 s of silence, 2 s of speech and 3 s
+    of silence (the microphone, or /speak), and a text file (a bad upload)."""
+    d = tmp_path_factory.mktemp("talk media")
+    talk = np.concatenate([np.zeros(16000, np.float32), speech(2.0), np.zeros(48000, np.float32)])
+    save_wav(talk, d / "talk.wav", 16000)
+    notes = d / "notes.txt"
+    notes.write_text("not audio\n" * 100)
+    return {"video": write_video(d / "face.mp4", 25), "talk": d / "talk.wav", "notes": notes, "dir": d}
 
 
 @pytest.fixture(scope="session")

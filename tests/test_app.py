@@ -7,7 +7,6 @@ screenshot of each step under their temporary folder.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import types
 import urllib.request
@@ -24,13 +23,13 @@ import torch
 import inference
 from common.errors import UserError
 from lipsync.options import Options
-from tests.media import FakeDetector, face_frame, read_output, write_video, write_wav
+from tests.chromium import start_chromium
+from tests.media import FakeDetector, read_output, write_video, write_wav
 from tools.detweights import det_state_dict
 from webapp import controls, jobs, page
 
 FRAMES, SECONDS = 15, 0.6  # a 160x128 clip of 0.6 s at 25 fps, and speech as long
 BOX = "20 100 30 120"  # top bottom left right, inside the test frames
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT = 60  # seconds any one step of the page may take on 2 busy cores
 
 
@@ -181,7 +180,8 @@ def test_lipsync_api_equals_inference(server, media, wav2lip_checkpoint, tmp_pat
     assert len(ours) == len(theirs) == FRAMES
     mse = np.mean([np.mean((a.astype(float) - b) ** 2) for a, b in zip(ours, theirs, strict=True)])
     assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40  # PSNR
-    assert not np.array_equal(ours[3], face_frame(3))  # the mouth was redrawn
+    mouth, source = (slice(65, 100), slice(40, 110)), decoded_frames(media["video"])[3]  # the box's lower half
+    assert np.abs(ours[3][mouth].astype(int) - source[mouth]).mean() > 10  # redrawn (measured ~40; x264 alone ~2)
     _, seconds_v, seconds_a, _ = read_output(Path(got))
     assert seconds_a == pytest.approx(SECONDS, abs=0.03)
 
@@ -191,16 +191,7 @@ def test_lipsync_api_equals_inference(server, media, wav2lip_checkpoint, tmp_pat
 
 @pytest.fixture
 def browser(tmp_path) -> Iterator[object]:
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("no chromium/chromedriver (CI installs them: apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700",
-                "--autoplay-policy=no-user-gesture-required", "--mute-audio"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT)
+    driver = start_chromium("--window-size=1400,1700", page_load_timeout=WAIT)  # REQUIRE_BROWSER=1: no skip
     try:
         yield driver
     finally:

@@ -3,6 +3,8 @@ copied per frame, and damaged or too-loud audio caught before any generation."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -107,13 +109,33 @@ def test_loud_audio_is_normalised_with_a_warning(sync, tmp_path, capsys):
     assert 0.8 < np.abs(decoded).max() <= 1.05  # the muxed speech was scaled too, not clipped at 1.6
 
 
-def test_huge_frames_are_encoded_with_little_memory(tmp_path):
-    """Above 4 MP x264 keeps a 2-frame look-ahead and no B-frames; 1080p keeps the default settings."""
-    with video.VideoWriter(tmp_path / "big.mp4", 25, 2048, 2048) as big:
-        assert big.video.options["preset"] == "ultrafast" and "bframes=0" in big.video.options["x264-params"]
-        big.write(np.zeros((2048, 2048, 3), np.uint8))  # the encoder opens (and takes the options) here
+# The encoder's peak memory, measured in a process of its own: 24 frames of SIDE x SIDE through VideoWriter.
+ENCODE_PEAK = """
+import os, resource, sys
+import numpy as np
+from common import video
+if hasattr(os, "sched_setaffinity"):  # x264 sizes its threads (and their frames) by the CPUs: as CI's 2
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+side, out = int(sys.argv[1]), sys.argv[2]
+frame = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with video.VideoWriter(out, 25, side, side) as writer:
+    for i in range(24):
+        writer.write(np.roll(frame, 8 * i, axis=1))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_huge_frames_are_encoded_with_little_memory(tmp_path, repo):
+    """Above 4 MP x264 keeps a 2-frame look-ahead and no B-frames: 24 frames of 2048x2048 raise the encoding
+    process's peak by ~115 MB (measured), where x264's default settings take ~325 MB. 1080p keeps the
+    defaults."""
+    run = subprocess.run([sys.executable, "-c", ENCODE_PEAK, "2048", str(tmp_path / "big.mp4")], cwd=repo,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 200, f"encoding 2048x2048 took {float(run.stdout):.0f} MB more at its peak"
+    with av.open(str(tmp_path / "big.mp4")) as c:
+        assert [f.width for f in c.decode(video=0)] == [2048] * 24
     with video.VideoWriter(tmp_path / "hd.mp4", 25, 1920, 1080) as hd:
         assert hd.video.options == {"crf": video.DEFAULT_CRF, "preset": video.DEFAULT_PRESET}
         hd.write(np.zeros((1080, 1920, 3), np.uint8))
-    with av.open(str(tmp_path / "big.mp4")) as c:
-        assert [f.width for f in c.decode(video=0)] == [2048]

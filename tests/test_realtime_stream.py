@@ -20,10 +20,8 @@ from common.errors import UserError
 from hparams import hparams
 from lipsync.options import ModelOptions
 from live import stream as streaming
-from tests import test_lipsync
 from tests.media import FakeDetector, speech, write_video, write_wav
 
-sync = test_lipsync.sync  # the fixture: a LipSync with the fake detector, shared with that module
 SR = 16000
 BOX = (20, 110, 30, 120)  # top bottom left right, inside the 160x128 test frames
 CHUNKS_MS = (1, 20, 333)
