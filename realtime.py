@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     single_threaded_blas()
     sync = LipSync(ModelOptions(**from_namespace(ModelOptions, args)), hp=from_argument(args.hparams), quiet=args.quiet)
     options = from_namespace(Options, args)
+    if live.serve or live.pace == "realtime":
+        from live.stream import check_live_budget
+
+        check_live_budget(sync, live.budget)  # super-resolution on a CPU cannot make a frame in time: refused
     if live.serve:
         from live.webrtc import serve
 

@@ -85,6 +85,11 @@ class Enhance:
         if self.parser is not None and batch.parses is None:
             batch.parses = self.parser(batch.frames, batch.boxes)
 
+    def names(self) -> list[str]:
+        """What runs besides the generator, for reports (realtime's figures and /health)."""
+        steps = [f"{step.name} ×{step.scale}" if hasattr(step, "scale") else step.name for step in self.steps]
+        return steps + (["face parser"] if self.parser is not None else [])
+
     def bytes_per_frame(self, img_size: int) -> int:
         """Bytes a frame in flight holds besides its decoded frame: its float prediction, each step's face and
         its parse (a ×4 face: 442 kB; a parse: 262 kB)."""

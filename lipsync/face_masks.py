@@ -32,7 +32,7 @@ SKIN, MOUTH, UPPER_LIP, LOWER_LIP = 1, 11, 12, 13  # of the 19 classes: 0 backgr
 REGIONS = {"face": (SKIN, MOUTH, UPPER_LIP, LOWER_LIP), "lower_face": (SKIN, MOUTH, UPPER_LIP, LOWER_LIP),
            "mouth": (MOUTH, UPPER_LIP, LOWER_LIP)}  # fmt: skip
 FEATHER_FRACTION = 48  # soft mask: Gaussian sigma = crop / 48 (~3 px on a 140 px box; 10.7 px at 512)
-PREVIEW_COLOR = np.array([255, 0, 255], np.float32)  # BGR magenta: where the generated face will go
+PREVIEW_COLOR = np.array([255, 255, 0], np.float32)  # BGR cyan: where the generated face will go
 
 
 def region_mask(labels: np.ndarray, region: str) -> np.ndarray:
@@ -113,7 +113,7 @@ class MaskedPaste:
 
 
 def mask_preview(frame: np.ndarray, box: Box, labels: np.ndarray, mode: str, region: str) -> np.ndarray:
-    """A copy of `frame` with the pixels the generated face will take tinted magenta, as strongly as they
+    """A copy of `frame` with the pixels the generated face will take tinted cyan, as strongly as they
     take it (the hard mask for `fork`, the feathered weights for `soft`): for the app's preview."""
     if mode == "fork":
         mask = region_mask(labels, region).astype(np.float32)

@@ -29,7 +29,7 @@ from lipsync.options import Options
 from live.figures import Stats, precision
 from live.options import LiveOptions
 from live.sessions import LiveSession, SharedGenerator
-from live.stream import LOOKAHEAD_S, Avatar, AvatarStream, offline_layout, prepare_avatar, speech_starts
+from live.stream import LOOKAHEAD_S, Avatar, AvatarStream, hq_names, offline_layout, prepare_avatar, speech_starts
 
 OnFrame = Callable[[int, np.ndarray], None]
 
@@ -65,7 +65,7 @@ def replay(
             figures = _fast(sync, avatar, chunks_of(wav, chunk), n_frames, write, options)
         else:
             figures = _realtime(sync, avatar, chunks_of(wav, chunk), n_frames, write, chunk / sync.hp.sample_rate, live)
-    return figures | {"precision": precision(sync)}
+    return figures | {"precision": precision(sync), "hq": hq_names(sync.generator)}
 
 
 def _writer(writer: video.VideoWriter, on_frame: OnFrame | None) -> OnFrame:

@@ -46,7 +46,6 @@ import torch
 import audio
 from common.errors import UserError
 from hparams import HParams, hparams
-from lipsync.crops import paste
 from lipsync.generation import Generator, generator_workers
 from live.figures import Stats
 from live.options import LiveOptions
@@ -377,10 +376,9 @@ class LiveSession:
             if self.idle == "generate" and self.speech is None:
                 self._queue_silence(tick + math.ceil(self.budget * self.fps))
         source = next(self.frames)
-        box = self.avatar.boxes[self.avatar.index(tick)]
         if face is not None:
             frame = source.copy()
-            paste(frame, box, face, self.avatar.mask)
+            self.avatar.paste(frame, self.avatar.index(tick), face)
             self.stats.generated += 1
         elif isinstance(kind, Job):
             frame = self.last_frame if self.last_frame is not None else source

@@ -19,7 +19,9 @@ The stages are the offline pipeline's (lipsync.py), composed for a stream:
     mel windows  SpeechFrames (audio.MelStream)   the frames whose window became complete, chunk by chunk
     crop         Avatar.crops                     each source frame's face crop, computed once
     generate     generation.Generator.generate    batches of frames, on the generator's worker threads
+                 (+ the enhance steps: ESRGAN)     (the face parse of each source frame: once, in the Avatar)
     paste        crops.paste_batches              each generated face into a copy of its source frame
+                 (Avatar.paste for one frame)       through the parse's mask when there is a face parser
 
 `AvatarStream`'s frames are the offline pipeline's, bit for bit, when it batches frames as the offline run
 does (`layout=offline_layout(...)`): the generator's round-off depends on the batch.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -37,9 +40,11 @@ import numpy as np
 
 import audio
 from common import video
+from common.errors import UserError
 from face_detection import Box
 from hparams import HParams, hparams
-from lipsync.crops import Batch, crop_faces, feather_mask, paste_batches
+from lipsync.crops import Batch, Paster, crop_faces, feather_mask, paste, paste_batches
+from lipsync.face_parsing import pack, unpack
 from lipsync.frames import FrameSource, loop_frames
 from lipsync.generation import Generator, generator_workers
 from lipsync.options import Options
@@ -140,6 +145,8 @@ class Avatar:
     mask: np.ndarray | None  # the feather mask, or None to paste as the original
     opts: Options  # the clip options it was prepared with (idle and silence_db are read by live sessions)
     hp: HParams
+    paster: Paster | None = None  # the HQ paste (`face_masks.MaskedPaste`), when the pipeline has HQ networks
+    parses: list[bytes | None] | None = None  # per source frame: its face parse (PNG, ~10 kB), with a parser
 
     @property
     def img_size(self) -> int:
@@ -156,6 +163,18 @@ class Avatar:
     def index(self, t: int) -> int:
         """The source frame that output frame `t` shows."""
         return t % len(self.boxes)
+
+    def parse(self, j: int) -> np.ndarray | None:
+        """Source frame `j`'s face parse (512×512 labels), or None (no parser, or no face)."""
+        data = self.parses[j] if self.parses is not None else None
+        return unpack(data) if data is not None else None
+
+    def paste(self, frame: np.ndarray, j: int, face: np.ndarray) -> None:
+        """Paste a generated face into `frame` (a copy of source frame `j`), as the offline paste stage does."""
+        if self.paster is None:
+            paste(frame, self.boxes[j], face, self.mask)
+        else:
+            self.paster(frame, self.boxes[j], face, self.parse(j))
 
     def frame_loop(self) -> Iterator[np.ndarray]:
         """The source frames of output frames 0, 1, 2, … (shared arrays: copy before drawing on them)."""
@@ -184,7 +203,20 @@ def prepare_avatar(sync, face: str | os.PathLike, speech_samples: int | None = N
     crops = [crop_faces([f], [b], size)[0] if b is not None else None
              for f, b in zip(frames if frames is not None else source, boxes, strict=False)]  # fmt: skip
     mask = feather_mask(size) if opts.blend == "feather" else None
-    return Avatar(source, boxes, crops, frames, mask, opts, sync.hp)
+    paster = sync.enhance.paster(opts, mask)
+    parses = _parse_frames(sync.enhance.parser, frames if frames is not None else source, boxes)
+    return Avatar(source, boxes, crops, frames, mask, opts, sync.hp, paster, parses)
+
+
+def _parse_frames(parser, frames: Iterable[np.ndarray], boxes: list[Box | None]) -> list[bytes | None] | None:
+    """Each source frame's face parse, once (`face_parsing.FaceParser`, its cache included), packed; None
+    without a parser. Streams then blend through them without parsing anything."""
+    if parser is None:
+        return None
+    parses: list[bytes | None] = []
+    for frame, box in zip(frames, boxes, strict=False):
+        parses.append(pack(parser([frame], [box])[0]) if box is not None else None)
+    return parses
 
 
 def _within_budget(source: FrameSource, opts: Options) -> list[np.ndarray] | None:
@@ -271,7 +303,7 @@ class AvatarStream:
 
     def _finish(self, first: int, generated: Batch) -> list[tuple[int, np.ndarray]]:
         """The paste stage for one generated batch."""
-        pasted = paste_batches([generated], self.avatar.mask, shared_frames=True)
+        pasted = paste_batches([generated], self.avatar.mask, shared_frames=True, paster=self.avatar.paster)
         return [(first + i, frame) for i, (frame, _) in enumerate(pasted)]
 
     def _batch(self, group: list[SpeechFrame]) -> tuple[Batch, np.ndarray]:
@@ -284,7 +316,38 @@ class AvatarStream:
         windows = [f.mel for f, b in zip(group, boxes, strict=True) if b is not None]
         mel = np.concatenate(windows, axis=1) if windows else np.zeros((0, 0), np.float32)
         starts = [k * audio.MEL_STEP_SIZE for k in range(len(windows))]
-        return Batch([next(self.frames) for _ in group], boxes, stacked, starts), mel
+        batch = Batch([next(self.frames) for _ in group], boxes, stacked, starts)
+        if self.avatar.parses is not None:  # parsed once with the avatar: the workers need not
+            batch.parses = [self.avatar.parse(j) for j in indices if self.avatar.boxes[j] is not None]
+        return batch, mel
+
+
+def hq_names(generator: Generator) -> list[str]:
+    """The HQ networks the generator runs with (ESRGAN, the face parser), for the figures and /health."""
+    return generator.enhance.names() if generator.enhance is not None else []
+
+
+def check_live_budget(sync, budget_s: float) -> float | None:
+    """Seconds one frame takes through the generator and the enhance steps (ESRGAN), measured once after a
+    warm-up call, or None without steps; a `UserError` when that alone exceeds the latency budget (every
+    frame would be dropped): realtime pace and the server refuse to start then. A ×4 ESRGAN takes seconds
+    a frame on a CPU: realtime super-resolution is a GPU feature. The face parse costs a live stream
+    nothing (each avatar frame is parsed once, when the avatar is prepared)."""
+    if not sync.enhance.steps:
+        return None
+    size, mels = sync.hp.img_size, sync.hp.num_mels
+    crop, mel = np.zeros((1, size, size, 3), np.uint8), np.zeros((1, 1, mels, audio.MEL_STEP_SIZE), np.float32)
+    sync.generator.predict(crop, mel)
+    started = time.perf_counter()
+    sync.generator.predict(crop, mel)
+    seconds = time.perf_counter() - started
+    if seconds > budget_s:
+        raise UserError(
+            f"{' and '.join(sync.enhance.names())}: one frame takes {seconds * 1000:.0f} ms on {sync.device} "
+            f"(with the generator), more than --latency_budget_ms {budget_s * 1000:.0f}: every frame would be "
+            "dropped. Run realtime with --sr_path on a GPU, or without it (--pace fast in file mode has no budget)"
+        )
+    return seconds
 
 
 def offline_layout(avatar: Avatar, generator: Generator, n_frames: int, **options) -> tuple[int, list[int]]:

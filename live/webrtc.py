@@ -43,7 +43,7 @@ from common.errors import UserError
 from live.figures import precision
 from live.options import LiveOptions
 from live.sessions import GeneratorError, LiveSession, SharedGenerator
-from live.stream import Avatar, prepare_avatar
+from live.stream import Avatar, hq_names, prepare_avatar
 
 PAGE = Path(__file__).resolve().parent / "avatar.html"
 VIDEO_CLOCK = 90_000  # RTP's video clock rate
@@ -326,6 +326,7 @@ class AvatarServer:
         peers = [p for p in self.peers.values() if name is None or p.id == name]
         return web.json_response({
             "sessions": [p.figures() for p in peers], "max_sessions": self.max_sessions, "precision": self.precision,
+            "hq": hq_names(self.shared.generator),
             "generator_ms_per_frame": round(self.shared.seconds_per_frame * 1000, 1), "memory_mb": memory_mb(),
             "errors": self.shared.errors, "last_error": self.last_error or self.shared.last_error,
         })  # fmt: skip

@@ -283,3 +283,43 @@ def test_command_line_errors_are_one_line(wav2lip_checkpoint, tiny, tmp_path, ca
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
         assert re.search(words, err), err
         assert not out.exists()
+
+
+# --- live --------------------------------------------------------------------------------------------------------
+
+
+def test_live_stream_equals_the_offline_run_and_parses_each_frame_once(wav2lip_checkpoint, esrgan_small,
+                                                                          parser_weights, tiny):  # fmt: skip
+    from live.options import LiveOptions
+    from live.replay import replay
+
+    sync = hq_sync(wav2lip_checkpoint, esrgan_small, parser_weights)
+    offline = run_frames(sync, tiny, "long", idle="generate")  # 6 frames: the 3-frame video twice
+    parsed = []
+    labels = sync.enhance.parser.labels
+    sync.enhance.parser.labels = lambda crops: parsed.append(len(crops)) or labels(crops)
+    sync.enhance.parser.cache.memory.clear()
+    frames: list[np.ndarray] = []
+    figures = replay(sync, tiny["video"], tiny["long"], tiny["dir"] / "live.mp4", LiveOptions(pace="fast"),
+                     on_frame=lambda i, f: frames.append(f.copy()), box=TINY_BOX, idle="generate")  # fmt: skip
+    assert np.array_equal(np.stack(frames), offline)  # the offline run's frames, bit for bit
+    assert sum(parsed) == 3  # once per source frame, when the avatar was prepared
+    assert figures["hq"] == ["super-resolution ×4", "face parser"]
+
+
+def test_realtime_refuses_super_resolution_that_cannot_keep_its_budget(wav2lip_checkpoint, esrgan_small, tiny,
+                                                                         capsys):  # fmt: skip
+    import realtime
+    from live.stream import check_live_budget
+
+    sync = hq_sync(wav2lip_checkpoint, esrgan_small)
+    assert 0 < check_live_budget(sync, budget_s=60.0) < 60.0
+    assert check_live_budget(hq_sync(wav2lip_checkpoint), budget_s=0.0) is None  # no step: nothing to check
+    argv = ["--checkpoint_path", wav2lip_checkpoint, "--sr_path", esrgan_small, "--face", tiny["video"],
+            "--audio", tiny["speech"], "--outfile", tiny["dir"] / "rt.mp4", "--box", *TINY_BOX,
+            "--latency_budget_ms", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: realtime.main([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and re.search(r"super-resolution ×4: one frame takes \d+ ms on cpu", err[-1])
+    assert "GPU" in err[-1] and not (tiny["dir"] / "rt.mp4").exists()

@@ -21,7 +21,8 @@ from webapp.ranges import RANGE_FIELDS
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 PAGE_ONLY = {"quiet"}  # console output: not the page's business
-MODEL_FIELDS = ("device", "precision", "backend")  # the ModelOptions a job may choose (the checkpoint: its own control)
+MODEL_FIELDS = ("device", "precision", "backend", "sr_path", "segmentation_path")  # the ModelOptions a job may
+# choose (the checkpoint: its own control; the two HQ weight files: webapp/hq.py's)
 
 
 def page_fields() -> dict[str, tuple[dataclasses.Field, object]]:

@@ -30,6 +30,7 @@ from lipsync.frames import FrameSource, check_region
 from lipsync.options import ModelOptions, Options
 from lipsync.pipeline import LipSync
 from webapp.controls import split_options
+from webapp.hq import with_mask
 
 KEEP_JOBS = 8  # result folders kept in the workspace; older ones go when a new job starts
 MODELS_KEPT = 2  # (checkpoint, device) pairs kept loaded, for colleagues comparing two checkpoints
@@ -102,13 +103,14 @@ class Workspace:
             return Path(tempfile.mkdtemp(prefix=f"{time.time_ns()}-", dir=self.jobs))
 
 
-def draw_preview(frame: np.ndarray, raw: Box | None, crop: Box | None) -> np.ndarray:
+def draw_preview(frame: np.ndarray, raw: Box | None, crop: Box | None, shade: bool = True) -> np.ndarray:
     """The frame (RGB, for the page) with the detection, the padded crop the generator sees, and the lower
-    half of that crop, which is what the generator redraws, shaded."""
+    half of that crop, which is what the generator redraws, shaded (unless the face parser's mask is drawn)."""
     image = frame.copy()
     if crop is not None:
-        mouth = image[(crop.y1 + crop.y2) // 2 : crop.y2, crop.x1 : crop.x2]
-        mouth[:] = (0.6 * mouth + 0.4 * np.array(MOUTH_COLOR)).astype(np.uint8)
+        if shade:
+            mouth = image[(crop.y1 + crop.y2) // 2 : crop.y2, crop.x1 : crop.x2]
+            mouth[:] = (0.6 * mouth + 0.4 * np.array(MOUTH_COLOR)).astype(np.uint8)
         cv2.rectangle(image, (crop.x1, crop.y1), (crop.x2 - 1, crop.y2 - 1), CROP_COLOR, 2)
     if raw is not None:
         cv2.rectangle(image, (raw.x1, raw.y1), (raw.x2 - 1, raw.y2 - 1), RAW_COLOR, 1)
@@ -165,12 +167,16 @@ class App:
                 found = detector.get_detections_for_batch(np.stack([frame]))[0]
                 raw = None if found is None else Box(*map(int, found[:4]))
                 crop = None if raw is None else pad_and_clip(raw, opts.pads, frame.shape)
+            parsed = crop is not None and model.get("segmentation_path")  # the face parser's mask, drawn
+            masked, mask_words = with_mask(self.models.lipsync(**model), frame, crop, opts) if parsed else (frame, "")
         except UserError as e:
             return None, f"Error: {e}"
         message = describe(index, frame.shape, raw, crop, opts.fixed_box)
         if message.startswith("Warning"):
             gr.Warning(message)
-        return draw_preview(frame, raw, crop), message
+        if mask_words:  # the mask is drawn instead of the shaded half
+            message = message.replace(", and its shaded lower half is what the generator redraws.", ".") + mask_words
+        return draw_preview(masked, raw, crop, shade=not mask_words), message
 
     def run(self, face: str | None, speech: str | None, options: dict, session: str, progress: gr.Progress) -> Result:
         """One job: the pipeline into a new job folder, reporting to `progress`, stopped by the session's Cancel."""

@@ -16,6 +16,7 @@ import gradio as gr
 
 from lipsync.options import ModelOptions
 from webapp.controls import checkpoint_choices, control, page_fields
+from webapp.hq import HQ_FIELDS, hq_controls
 from webapp.jobs import App, Models, Workspace
 from webapp.ranges import RANGE_FIELDS, range_controls, wire
 
@@ -42,8 +43,10 @@ def inputs_column(checkpoint_path: str | None) -> tuple[gr.File, gr.Audio, dict[
                              .metadata["help"] + "; pick one from checkpoints/ or type a path",
                              elem_id="opt-checkpoint_path")  # fmt: skip
     options = {"checkpoint_path": checkpoint, **sliders}
+    with gr.Accordion("Wav2Lip-HQ: a sharper mouth, no box (ESRGAN, face parser)", open=False, elem_id="hq"):
+        options |= hq_controls()
     with gr.Accordion("Advanced", open=False):
-        fields = [(f, hint) for f, hint in page_fields().values() if f.name not in RANGE_FIELDS]
+        fields = [(f, hint) for f, hint in page_fields().values() if f.name not in RANGE_FIELDS + HQ_FIELDS]
         for start in range(0, len(fields), 3):
             with gr.Row():
                 options |= {f.name: control(f, hint) for f, hint in fields[start : start + 3]}
