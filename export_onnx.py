@@ -20,7 +20,7 @@ import argparse
 
 from common.errors import run_cli
 
-MODELS = ("wav2lip", "s3fd", "esrgan", "bisenet", "syncnet")  # the engine's (lipsync/onnx_models.py), then evaluation's
+MODELS = ("wav2lip", "s3fd", "esrgan", "bisenet", "gfpgan", "codeformer", "syncnet")  # the engine's, then evaluation's
 
 
 def specs() -> dict:

@@ -1,7 +1,7 @@
 """The enhance stage, between generate and paste: optional networks over each generated face, and the face
 parser whose mask the paste stage blends through (Wav2Lip-HQ and its successors).
 
-    generate (96×96, pred·255 unrounded) → super-resolve (ESRGAN, optional) → restore (optional, later)
+    generate (96×96, pred·255 unrounded) → super-resolve (ESRGAN, optional) → restore (optional)
         → paste: resized to the box, then the mask blend (the parse of the SOURCE crop) or feather
 
 - **Steps** (`Step`) run in order on the generated faces of a batch, on the generation workers, right after
@@ -9,10 +9,11 @@ parser whose mask the paste stage blends through (Wav2Lip-HQ and its successors)
   generator (the offline batches, a live stream) gets enhanced faces. The first step receives the
   prediction before any rounding (float32, 0-255, BGR), later ones the previous step's uint8 faces; each
   also gets every face's SOURCE frame and box (None where the caller has none: a live session's shared
-  generator), for a step that looks around the face; it returns uint8 BGR faces of any size. Each step is
+  generator), for a step that looks around the face, and the clip's options (`fidelity_weight`,
+  `sharpen_amount`; None: the defaults); it returns uint8 BGR faces of any size. Each step is
   loaded once, runs in chunks of its own size with its own out-of-memory limit, in the run's dtype, in
   PyTorch or ONNX Runtime (`--backend`). With no step, the prediction is truncated to uint8: the original.
-  A restoration step (GFPGAN, CodeFormer, sharpen) goes after super-resolution, in `load_enhance`.
+  The restoration step (GFPGAN, CodeFormer, sharpen: restore.py) goes after super-resolution.
 - **The parser** (`face_parsing.FaceParser`) reads the source crop of each face and fills `Batch.parses`,
   also on the workers (cached by the crop's content). The paste stage then calls a
   `face_masks.MaskedPaste` per face with that parse.
@@ -36,6 +37,7 @@ from lipsync.crops import Batch
 from lipsync.face_masks import PARSE_SIZE, MaskedPaste
 from lipsync.face_parsing import FaceParser, load_face_parser
 from lipsync.options import ModelOptions, Options
+from lipsync.restore import load_restore
 from lipsync.super_resolution import FORK_SCALE, load_super_resolution
 
 Scaled = Callable[[np.ndarray, np.ndarray], np.ndarray]  # crops, mels → float32 pred·255 faces, unrounded
@@ -47,9 +49,11 @@ class Step(Protocol):
 
     name: str
 
-    def __call__(self, faces: np.ndarray, frames: Sources, boxes: Sequence[Box] | None) -> np.ndarray:
+    def __call__(
+        self, faces: np.ndarray, frames: Sources, boxes: Sequence[Box] | None, opts: Options | None = None
+    ) -> np.ndarray:
         """(n, h, w, 3) BGR faces (float32 0-255 from the generator, or uint8), with each face's source
-        frame and box when known → (n, h', w', 3) uint8."""
+        frame and box when known, and the clip's options (None: the defaults) → (n, h', w', 3) uint8."""
         ...
 
     def out_size(self, size: int) -> int:
@@ -72,11 +76,12 @@ class Enhance:
     def __bool__(self) -> bool:
         return bool(self.steps) or self.parser is not None
 
-    def faces(self, scaled: np.ndarray, frames: Sources = None, boxes: Sequence[Box] | None = None) -> np.ndarray:
+    def faces(self, scaled: np.ndarray, frames: Sources = None, boxes: Sequence[Box] | None = None,
+              opts: Options | None = None) -> np.ndarray:  # fmt: skip
         """Every step over the generator's float faces in order; uint8 faces out."""
         faces = scaled
         for step in self.steps:
-            faces = step(faces, frames, boxes)
+            faces = step(faces, frames, boxes, opts)
         return truncate(faces) if faces.dtype != np.uint8 else faces
 
     def parse_batch(self, batch: Batch) -> None:
@@ -124,8 +129,8 @@ class Enhanced:
         self.scaled, self.enhance = scaled, enhance
 
     def __call__(self, crops: np.ndarray, mels: np.ndarray, frames: Sources = None,
-                 boxes: Sequence[Box] | None = None) -> np.ndarray:  # fmt: skip
-        return self.enhance.faces(self.scaled(crops, mels), frames, boxes)
+                 boxes: Sequence[Box] | None = None, opts: Options | None = None) -> np.ndarray:  # fmt: skip
+        return self.enhance.faces(self.scaled(crops, mels), frames, boxes, opts)
 
 
 def load_enhance(model: ModelOptions, device: torch.device, dtype: torch.dtype, threads: int,
@@ -135,6 +140,7 @@ def load_enhance(model: ModelOptions, device: torch.device, dtype: torch.dtype, 
     steps: list[Step] = []
     if model.sr_path is not None:
         steps.append(load_super_resolution(model, device, dtype, threads, quiet))
-    # issue 21: a restoration step (GFPGAN | CodeFormer | sharpen) is appended here, after super-resolution
+    if model.enhancer != "none":  # restoration (GFPGAN | CodeFormer | sharpen), after super-resolution
+        steps.append(load_restore(model, device, dtype, threads, quiet))
     parser = load_face_parser(model, device, dtype, threads, quiet) if model.segmentation_path is not None else None
     return Enhance(tuple(steps), parser)

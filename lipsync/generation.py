@@ -145,7 +145,7 @@ class Generator:
         cap = min(cap, opts.frames_within_budget(frame_bytes + self.extra_bytes, batches_in_flight(workers)))
         return cap, batch_sizes(n_frames, cap, workers)
 
-    def generate(self, batch: Batch, mel: np.ndarray, cap: int) -> Batch:
+    def generate(self, batch: Batch, mel: np.ndarray, cap: int, opts: Options | None = None) -> Batch:
         """Fill `batch.generated` (and, with an enhance stage, `batch.parses`), in chunks of at most `cap`
         (and the batch limit)."""
         if not len(batch.faces):
@@ -161,12 +161,15 @@ class Generator:
             if self.enhance is None:
                 return list(self.predict(np.stack(faces), np.stack(mels)))
             frames, boxes = zip(*chunk_sources, strict=True)
-            return list(self.predict(np.stack(faces), np.stack(mels), frames, boxes))
+            return list(self.predict(np.stack(faces), np.stack(mels), frames, boxes, opts))
 
         batch.generated = np.stack(in_chunks(run, items, self.limit, cap))
         return batch
 
-    def __call__(self, batches: Iterable[Batch], mel: np.ndarray, cap: int) -> Iterator[Batch]:
-        """The stage: batches in, the same batches with their faces generated out, in order."""
+    def __call__(
+        self, batches: Iterable[Batch], mel: np.ndarray, cap: int, opts: Options | None = None
+    ) -> Iterator[Batch]:
+        """The stage: batches in, the same batches with their faces generated out, in order (`opts`: the
+        clip's options, for the enhance steps)."""
         workers, threads = generator_workers(self.device)
-        return ordered_map(lambda batch: self.generate(batch, mel, cap), batches, workers, threads)
+        return ordered_map(lambda batch: self.generate(batch, mel, cap, opts), batches, workers, threads)

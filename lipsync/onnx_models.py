@@ -9,6 +9,7 @@ path, a weight file is exported once into the cache (`common.onnx_export.cached_
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from common.onnx_export import OnnxNet, Spec, onnx_file, open_session
 from common.weights import load_model, skeleton
 from lipsync.generation import generator_inputs, generator_workers, to_scaled
+from lipsync.restorers import load_restorer, restored_crops, restorer_inputs
 
 
 class _PlainWav2Lip(nn.Module):
@@ -97,6 +99,24 @@ def _bisenet_examples(batch: int, seed: int, trace: bool) -> tuple:
     return (torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)),)
 
 
+def _restorer(name: str) -> Callable[[str | os.PathLike, str], nn.Module]:
+    """GFPGAN's or CodeFormer's network builder: the whole forward pass, as both references' scripts call it."""
+    return lambda checkpoint_path, flag: load_restorer(name, checkpoint_path, flag)
+
+
+def _faces(batch: int, seed: int) -> torch.Tensor:
+    """Smooth RGB images in [-1, 1] at 512×512, like a face's low frequencies (noise would put CodeFormer's
+    logits near ties, where float round-off alone can change a chosen code)."""
+    coarse = torch.rand(batch, 3, 6, 6, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(512, 512), mode="bicubic").clamp(-1, 1)
+
+
+def _codeformer_examples(batch: int, seed: int, trace: bool) -> tuple:
+    """Faces and the fidelity weight w, a float tensor of shape [1] (0.5 for the trace; any w runs)."""
+    w = 0.5 if trace else float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
+    return _faces(batch, seed), torch.tensor([w])
+
+
 _S3FD_OUT = tuple(f"{kind}{level}" for level in range(1, 7) for kind in ("cls", "reg"))
 SPECS = {
     "wav2lip": Spec("wav2lip", ("mel", "face"), ("generated",),
@@ -113,6 +133,12 @@ SPECS = {
     "bisenet": Spec("bisenet", ("image",), ("logits",),
                     {n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in ("image", "logits")},
                     _bisenet, _bisenet_examples, "--segmentation_onnx_path"),
+    # the restorers: face (N, 3, 512, 512) RGB in [-1, 1] (and CodeFormer's w, shape [1]) → restored, same range
+    "gfpgan": Spec("gfpgan", ("face",), ("restored",), {"face": {0: "batch"}, "restored": {0: "batch"}},
+                   _restorer("gfpgan"), lambda batch, seed, trace: (_faces(batch, seed),), "--enhancer_onnx_path"),
+    "codeformer": Spec("codeformer", ("face", "w"), ("restored", "logits", "lq_feat"),
+                       {n: {0: "batch"} for n in ("face", "restored", "logits", "lq_feat")},
+                       _restorer("codeformer"), _codeformer_examples, "--enhancer_onnx_path"),
 }  # fmt: skip
 
 
@@ -132,6 +158,21 @@ class OnnxWav2Lip:
         """The generated faces before the truncation: float32 pred·255 (`generation.to_scaled`)."""
         mel, face = generator_inputs(faces, mels, torch.device("cpu"), torch.float32)
         return to_scaled(torch.from_numpy(self.net.run(None, mel.numpy(), face.numpy())[0]))
+
+
+class OnnxRestorer:
+    """GFPGAN's or CodeFormer's export in ONNX Runtime (`restorers.Restore`): one session, thread-safe,
+    shared by the workers, each run on `threads` threads."""
+
+    def __init__(self, name: str, onnx_path: str | os.PathLike, device: torch.device, threads: int) -> None:
+        self.name = name
+        self.net = OnnxNet(open_session(onnx_path, SPECS[name], device, threads))
+
+    def __call__(self, crops: np.ndarray, fidelity: float) -> np.ndarray:
+        """(n, 512, 512, 3) uint8 BGR crops → restored, same layout; `fidelity` is CodeFormer's w."""
+        x = restorer_inputs(crops, torch.device("cpu"), torch.float32).numpy()
+        inputs = (x,) if self.name == "gfpgan" else (x, np.array([fidelity], np.float32))
+        return restored_crops(torch.from_numpy(self.net.run(["restored"], *inputs)[0]))
 
 
 def s3fd_network(

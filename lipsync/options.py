@@ -25,6 +25,7 @@ UNSET_REGION = (-1, -1, -1, -1)  # the original's "no --box" value
 NO_FACE_CHOICES = ("keep", "last", "error")
 BLEND_CHOICES = ("paste", "feather")
 HQ_MODES = ("fork", "soft")  # with --sr_path / --segmentation_path: Wav2Lip-HQ's output exactly, or ours (README, "HQ")
+ENHANCER_CHOICES = ("none", "gfpgan", "codeformer", "sharpen")  # the restore step (README, "Restoration")
 MASK_REGIONS = ("face", "lower_face", "mouth")  # what the face parser's mask lets through (lipsync/face_masks.py)
 IDLE_CHOICES = ("generate", "keep")  # during silence: the generator's mouth (the original), or the source face
 SILENCE_DB = -50.0  # RMS of a frame's 200 ms window, dB full scale: below it the frame is silence (both doors)
@@ -83,6 +84,11 @@ class Options:
         "face", "with --segmentation_path: the parsed regions that take the generated face: skin, mouth and lips "
         "(the fork's), the same below the middle of the box only, or mouth and lips only", choices=MASK_REGIONS,
     )  # fmt: skip
+    fidelity_weight: float = option(
+        0.5, "with --enhancer codeformer: 0 takes the most restored face from CodeFormer's prior, 1 the face most "
+        "faithful to the generated one (CodeFormer's -w)",
+    )  # fmt: skip
+    sharpen_amount: float = option(1.0, "with --enhancer sharpen: the unsharp mask's strength (0: none)")
     idle: str = option(
         "generate", "frames whose 200 ms of audio is silent (--silence_db): generate them (the original) or keep "
         "the source face, fading in and out of speech", choices=IDLE_CHOICES,
@@ -119,6 +125,10 @@ class Options:
             if value is not None and not value > 0:
                 raise UserError(f"--{name} must be positive, got {value}")
         _ = self.face_range, self.audio_range  # parsed now: a malformed time fails before any work
+        if not 0 <= self.fidelity_weight <= 1:
+            raise UserError(f"--fidelity_weight must be between 0 and 1, got {self.fidelity_weight}")
+        if not self.sharpen_amount >= 0:
+            raise UserError(f"--sharpen_amount must be 0 or more, got {self.sharpen_amount}")
 
     @property
     def face_range(self) -> TimeRange:
@@ -178,6 +188,16 @@ class ModelOptions:
     )
     segmentation_onnx_path: str | None = option(
         None, "with --backend onnxruntime: the face parser's .onnx (default: exported from --segmentation_path, cached)"
+    )
+    enhancer: str = option(
+        "none", "restore each generated face before it is pasted: gfpgan (GFPGAN v1.4), codeformer (CodeFormer, "
+        "--fidelity_weight) or sharpen (an unsharp mask, no weights, --sharpen_amount)", choices=ENHANCER_CHOICES,
+    )  # fmt: skip
+    enhancer_path: str | None = option(
+        None, "the restorer's weights (default: checkpoints/GFPGANv1.4.pth or checkpoints/codeformer.pth)"
+    )
+    enhancer_onnx_path: str | None = option(
+        None, "with --backend onnxruntime: the restorer's .onnx (default: exported from --enhancer_path, cached)"
     )
 
     def __post_init__(self) -> None:

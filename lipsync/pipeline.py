@@ -207,7 +207,7 @@ class LipSync:
                  for i, (index, frame) in enumerate(loop_frames(source, n_out, source.static)))  # fmt: skip
         idle = IdleFrames(frame_weights(speech, opts, source.fps))  # --idle keep: silent frames keep the source
         batches = background(make_batches(idle.hold(items), self.hp.img_size, sizes))
-        generated = self.generator(batches, speech.mel, cap)
+        generated = self.generator(batches, speech.mel, cap, opts)
         mask = feather_mask(self.hp.img_size) if opts.blend == "feather" else None
         pasted = idle.fade(paste_batches(generated, mask, source.static, self.enhance.paster(opts, mask)))
         height, width = source.shape[:2]

@@ -81,8 +81,10 @@ class SuperResolve:
     def out_size(self, size: int) -> int:
         return size * self.scale
 
-    def __call__(self, faces: np.ndarray, frames: object = None, boxes: object = None) -> np.ndarray:
-        """Super-resolve each face (the source frames and boxes are not needed)."""
+    def __call__(
+        self, faces: np.ndarray, frames: object = None, boxes: object = None, opts: object = None
+    ) -> np.ndarray:
+        """Super-resolve each face (the source frames, boxes and clip options are not needed)."""
         if not len(faces):
             return np.zeros((0, *(self.out_size(s) for s in faces.shape[1:3]), 3), np.uint8)
         run = lambda chunk: list(self.forward(np.stack(chunk)))  # noqa: E731

@@ -269,6 +269,7 @@ class CodeFormer(nn.Module):
         x = codes.transpose(1, 2).reshape_as(lq_feat).contiguous(memory_format=layout or torch.contiguous_format)
         if adain:
             x = adaptive_instance_norm(x, lq_feat)
+        x = x.to(self.generator.blocks[0].weight.dtype)  # the generator may run in a lower precision (bf16)
 
         fuse = torch.is_tensor(w) or w > 0
         w = (w if torch.is_tensor(w) else torch.tensor(float(w))).to(x).reshape(-1, 1, 1, 1)
@@ -277,5 +278,5 @@ class CodeFormer(nn.Module):
             x = block(x)
             if i in fuse_at:
                 r = fuse_at[i]
-                x = self.fuse_convs_dict[str(r)](skips[r], x, w)
+                x = self.fuse_convs_dict[str(r)](skips[r].to(x.dtype), x, w)
         return x

@@ -82,9 +82,20 @@ class ModulatedConv2d(nn.Module):
             x = resize(x, 2)
         out = F.conv2d(x, self.weight, padding=self.padding)
         if self.demodulate:  # 1 / |w * s| per (sample, output channel): Σ_i s_i² Σ_k w_oik²
-            demod = torch.rsqrt(style.square() @ self.weight.square().sum((2, 3)).t() + 1e-8)
+            demod = torch.rsqrt(style.square() @ self.weight_norms() + 1e-8)
             out = out * demod[:, :, None, None]
         return out
+
+    def weight_norms(self) -> torch.Tensor:
+        """(in, out): Σ_k w_oik², the squared norm of each input channel's kernel for each output channel.
+
+        A constant of an exported graph: the ONNX exporter would otherwise fold only the square and store a
+        squared copy of every weight (97 MB more in GFPGAN's file), summed again on every run.
+        """
+        norms = self.weight.square().sum((2, 3)).t()
+        if torch.onnx.is_in_onnx_export():
+            norms = torch.tensor(norms.tolist(), dtype=norms.dtype)  # read out of the trace: a constant
+        return norms
 
 
 def _weight_to_checkpoint(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
