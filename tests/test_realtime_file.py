@@ -33,7 +33,7 @@ BOX = (20, 110, 30, 120)
 BOX_FLAGS = ["--box", *map(str, BOX)]
 BUDGET_MS = 6000  # a budget 2 busy cores meet for 25 frames of the test weights
 KEYS = {"frames", "generated", "dropped", "idle", "errors", "fps", "generated_fps", "first_frame_ms", "latency_ms",
-        "precision"}  # fmt: skip
+        "precision", "hq"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
