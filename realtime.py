@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", help="file mode: the speech to feed through the stream")
     p.add_argument("--outfile", default=DEFAULT_OUTFILE, help="file mode: output video (H.264 + AAC)")
     add_arguments(p, ModelOptions, required=("checkpoint_path",))
-    add_arguments(p, Options, defaults=LIVE_DEFAULTS)
+    add_arguments(p, Options, defaults={"idle": None})  # resolved in main(): the mode decides it
     add_arguments(p, LiveOptions)
     add_hparams_argument(p)
     return p
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     single_threaded_blas()
     sync = LipSync(ModelOptions(**from_namespace(ModelOptions, args)), hp=from_argument(args.hparams), quiet=args.quiet)
     options = from_namespace(Options, args)
+    # the server's avatar keeps its face while nobody speaks; file mode replays inference.py's frames, by default
+    # every one generated as the original does (it is the comparison file mode exists for)
+    options["idle"] = options["idle"] or (LIVE_DEFAULTS["idle"] if live.serve else Options().idle)
     if live.serve or live.pace == "realtime":
         from live.stream import check_live_budget
 
