@@ -21,8 +21,9 @@ from webapp.ranges import RANGE_FIELDS
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 PAGE_ONLY = {"quiet"}  # console output: not the page's business
-MODEL_FIELDS = ("device", "precision", "backend", "sr_path", "segmentation_path")  # the ModelOptions a job may
-# choose (the checkpoint: its own control; the two HQ weight files: webapp/hq.py's)
+MODEL_FIELDS = ("device", "precision", "backend", "sr_path", "segmentation_path", "enhancer", "enhancer_path")
+# the ModelOptions a job may choose (the checkpoint: its own control; the HQ weight files: webapp/hq.py's; the
+# restorer: webapp/restore.py's)
 
 
 def page_fields() -> dict[str, tuple[dataclasses.Field, object]]:

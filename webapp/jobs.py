@@ -31,6 +31,7 @@ from lipsync.options import ModelOptions, Options
 from lipsync.pipeline import LipSync
 from webapp.controls import split_options
 from webapp.hq import with_mask
+from webapp.restore import before_after
 
 KEEP_JOBS = 8  # result folders kept in the workspace; older ones go when a new job starts
 MODELS_KEPT = 2  # (checkpoint, device) pairs kept loaded, for colleagues comparing two checkpoints
@@ -152,21 +153,24 @@ class App:
         self.models, self.workspace = models, workspace
         self.cancel_flags: dict[str, threading.Event] = {}
 
+    def find_face(self, face: str | None, frame_index: float, model: dict, opts: Options) -> tuple:
+        """(index, frame, fps, detected box or None, padded crop or None) of the chosen frame, as the job
+        would find them (`--box`, or the detector)."""
+        source = FrameSource(video.probe(require(face, "face video or image")), opts, hparams.fps)
+        index, frame = nth_frame(source, int(frame_index or 0))
+        if opts.fixed_box:
+            return index, frame, source.fps, None, check_region(opts.box, frame.shape, "--box")
+        detector = self.models.lipsync(**model).face_boxes.detector(opts.det_max_side)
+        found = detector.get_detections_for_batch(np.stack([frame]))[0]
+        raw = None if found is None else Box(*map(int, found[:4]))
+        return index, frame, source.fps, raw, None if raw is None else pad_and_clip(raw, opts.pads, frame.shape)
+
     def preview(self, face: str | None, frame_index: float, **options) -> tuple[np.ndarray | None, str]:
         """The chosen frame with the face box and mouth crop drawn on it, as the job would find them."""
         try:
             model, clip = split_options(options)
             opts = Options(**clip)
-            source = FrameSource(video.probe(require(face, "face video or image")), opts, hparams.fps)
-            index, frame = nth_frame(source, int(frame_index or 0))
-            raw = None
-            if opts.fixed_box:
-                crop = check_region(opts.box, frame.shape, "--box")
-            else:
-                detector = self.models.lipsync(**model).face_boxes.detector(opts.det_max_side)
-                found = detector.get_detections_for_batch(np.stack([frame]))[0]
-                raw = None if found is None else Box(*map(int, found[:4]))
-                crop = None if raw is None else pad_and_clip(raw, opts.pads, frame.shape)
+            index, frame, _, raw, crop = self.find_face(face, frame_index, model, opts)
             parsed = crop is not None and model.get("segmentation_path")  # the face parser's mask, drawn
             masked, mask_words = with_mask(self.models.lipsync(**model), frame, crop, opts) if parsed else (frame, "")
         except UserError as e:
@@ -177,6 +181,22 @@ class App:
         if mask_words:  # the mask is drawn instead of the shaded half
             message = message.replace(", and its shaded lower half is what the generator redraws.", ".") + mask_words
         return draw_preview(masked, raw, crop, shade=not mask_words), message
+
+    def compare(
+        self, face: str | None, speech: str | None, frame_index: float, **options
+    ) -> tuple[np.ndarray | None, str]:
+        """The chosen frame lip-synced without and with the enhancer, side by side (webapp/restore.py)."""
+        try:
+            model, clip = split_options(options)
+            opts = Options(**clip)
+            index, frame, fps, _, crop = self.find_face(face, frame_index, model, opts)
+            if crop is None:
+                return None, f"Warning: no face found in frame {index}: nothing to restore"
+            sync = self.models.lipsync(**model)
+            with self.models.device_lock(sync.device):
+                return before_after(sync, frame, crop, require(speech, "speech audio"), fps, index, opts)
+        except UserError as e:
+            return None, f"Error: {e}"
 
     def run(self, face: str | None, speech: str | None, options: dict, session: str, progress: gr.Progress) -> Result:
         """One job: the pipeline into a new job folder, reporting to `progress`, stopped by the session's Cancel."""

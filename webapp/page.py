@@ -19,6 +19,7 @@ from webapp.controls import checkpoint_choices, control, page_fields
 from webapp.hq import HQ_FIELDS, hq_controls
 from webapp.jobs import App, Models, Workspace
 from webapp.ranges import RANGE_FIELDS, range_controls, wire
+from webapp.restore import RESTORE_FIELDS, compare_controls, restore_controls
 
 MAX_AGE = 3600  # seconds Gradio keeps its copies of uploads and results (checked every MAX_AGE / 6)
 
@@ -45,8 +46,11 @@ def inputs_column(checkpoint_path: str | None) -> tuple[gr.File, gr.Audio, dict[
     options = {"checkpoint_path": checkpoint, **sliders}
     with gr.Accordion("Wav2Lip-HQ: a sharper mouth, no box (ESRGAN, face parser)", open=False, elem_id="hq"):
         options |= hq_controls()
+    with gr.Accordion("Restoration: GFPGAN, CodeFormer or sharpen, after lip-sync", open=False, elem_id="restore"):
+        options |= restore_controls()
     with gr.Accordion("Advanced", open=False):
-        fields = [(f, hint) for f, hint in page_fields().values() if f.name not in RANGE_FIELDS + HQ_FIELDS]
+        shown_apart = RANGE_FIELDS + HQ_FIELDS + RESTORE_FIELDS
+        fields = [(f, hint) for f, hint in page_fields().values() if f.name not in shown_apart]
         for start in range(0, len(fields), 3):
             with gr.Row():
                 options |= {f.name: control(f, hint) for f, hint in fields[start : start + 3]}
@@ -64,6 +68,7 @@ def layout(app: App, checkpoint_path: str | None) -> None:
             preview_button = gr.Button("Preview", elem_id="preview-button")
             preview = gr.Image(label="Preview: face box and mouth crop", interactive=False, elem_id="preview")
             preview_line = gr.Textbox(label="Preview", interactive=False, elem_id="preview-line")
+            compare_button, compare, compare_line = compare_controls()
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -74,6 +79,8 @@ def layout(app: App, checkpoint_path: str | None) -> None:
     face.change(app.frame_slider, inputs=face, outputs=frame, api_visibility="private")
     preview_button.click(app.preview, inputs=[face, frame], inputs_kwargs=options, outputs=[preview, preview_line],
                          api_visibility="private", concurrency_id="preview", concurrency_limit=1)  # fmt: skip
+    compare_button.click(app.compare, inputs=[face, audio, frame], inputs_kwargs=options, outputs=[compare, compare_line],
+                         api_visibility="private", concurrency_id="generate", concurrency_limit=1)  # fmt: skip
     job = generate.click(app.generate, inputs=[face, audio], inputs_kwargs=options,
                          outputs=[result, download, status, scores], api_visibility="private",
                          concurrency_id="generate", concurrency_limit=1)  # fmt: skip
