@@ -172,7 +172,8 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tenso
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()) or not obj:
-        raise UserError(f"{path}: holds no state dict (expected a dict of tensors, or one under 'state_dict')")
+        raise UserError(f"{path}: holds no state dict (expected a dict of tensors, or one under 'state_dict', "
+                        "'params_ema' or 'params')")  # fmt: skip
     return strip_module_prefix(obj)
 
 

@@ -18,30 +18,30 @@ from collections.abc import Mapping
 import torch
 
 from common.errors import UserError
-from common.weights import ARCHS, identify, read_file, skeleton, strip_module_prefix
+from common.weights import ARCHS, describe, read_file, skeleton, state_dict_of, strip_module_prefix
 from models.bisenet import BiSeNet, bisenet_config
-from models.rrdbnet import CONTAINERS, RRDBNet, rrdbnet_config, unwrap_basicsr
+from models.rrdbnet import RRDBNet, rrdbnet_config
 
 SR_FLAG, PARSER_FLAG = "--sr_path", "--segmentation_path"
 
 
 def what_it_holds(obj: object) -> str:
-    """What a loaded weight file is, for an error: one of the project's models, or neither."""
-    inner = obj
-    if isinstance(obj, Mapping):
-        inner = next((obj[k] for k in ("state_dict", *CONTAINERS) if isinstance(obj.get(k), Mapping)), obj)
-    found = identify(inner) if isinstance(inner, Mapping) else None
-    return f"a {found} checkpoint" if found else "not weights of any model of this project"
+    """What a loaded weight file is, for an error: one of the project's models (in any of its containers,
+    `common.weights.state_dict_of`), a known other one, or neither."""
+    try:
+        return describe(state_dict_of(obj, ""))
+    except UserError:
+        return "not weights of any model of this project"
 
 
 def load_rrdbnet(path: str | os.PathLike, flag: str = SR_FLAG) -> RRDBNet:
     """The ESRGAN of `path`, its architecture read from the file, on the CPU in eval mode."""
     obj = read_file(path, "RRDBNet", flag)
     try:
-        weights = strip_module_prefix(unwrap_basicsr(obj))
+        weights = state_dict_of(obj, path)  # `params_ema` first, then `params` (BasicSR's), or a raw state dict
         model = skeleton(lambda: RRDBNet(**rrdbnet_config(weights)))
         model.load_state_dict(weights, strict=True, assign=True)
-    except (ValueError, RuntimeError):
+    except (UserError, ValueError, RuntimeError):
         raise UserError(f"{path}: this is {what_it_holds(obj)}; {flag} expects ESRGAN's RRDBNet "
                         f"({ARCHS['RRDBNet'].files})") from None  # fmt: skip
     return model.eval()

@@ -23,7 +23,6 @@ SLOPE = 0.2  # LeakyReLU negative slope throughout
 DENSE_CONVS = 5  # conv1..conv5 of a residual dense block
 REQUIRED = ("conv_first.weight", "body.0.rdb1.conv1.weight", "conv_body.weight", "conv_up1.weight",
             "conv_up2.weight", "conv_hr.weight", "conv_last.weight")  # fmt: skip
-CONTAINERS = ("params_ema", "params")  # BasicSR's checkpoint keys, preferred first as Real-ESRGAN's loader does
 
 
 class ResidualDenseBlock(nn.Module):
@@ -101,7 +100,9 @@ def rrdbnet_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
     missing = [k for k in REQUIRED if k not in state_dict]
     if missing:
         hint = (
-            " (a BasicSR checkpoint: unwrap it with unwrap_basicsr first)" if set(CONTAINERS) & set(state_dict) else ""
+            " (a BasicSR checkpoint: take its 'params_ema' or 'params' first)"
+            if {"params_ema", "params"} & set(state_dict)
+            else ""
         )
         raise ValueError(f"not an RRDBNet (ESRGAN) state dict: no {missing[0]!r}{hint}; found {_found(state_dict)}")
     num_feat, in_ch = state_dict["conv_first.weight"].shape[:2]
@@ -119,20 +120,6 @@ def rrdbnet_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
         num_feat=num_feat,
         num_block=len(blocks),
         num_grow_ch=state_dict["body.0.rdb1.conv1.weight"].shape[0],
-    )
-
-
-def unwrap_basicsr(obj: object) -> Mapping[str, torch.Tensor]:
-    """The state dict inside a loaded BasicSR checkpoint: `params_ema` (the EMA weights, what Real-ESRGAN
-    ships and loads first), else `params`, else the object itself when it is already a dict of tensors."""
-    if isinstance(obj, Mapping):
-        for key in CONTAINERS:
-            if isinstance(obj.get(key), Mapping):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise ValueError(
-        f"not a BasicSR checkpoint: expected 'params_ema', 'params' or a state dict of tensors, found {_found(obj)}"
     )
 
 

@@ -6,7 +6,7 @@ import torch
 
 import models
 from models.bisenet import BiSeNet, bisenet_config
-from models.rrdbnet import RRDBNet, rrdbnet_config, unwrap_basicsr
+from models.rrdbnet import RRDBNet, rrdbnet_config
 from tools.detweights import assert_stats, det_weights_like, formula_input, load_golden
 
 SMALL = dict(num_feat=16, num_block=2, num_grow_ch=8)  # a tiny RRDBNet: the same keys, a fraction of the time
@@ -100,16 +100,3 @@ def test_bisenet_config():
     mixed = {**BiSeNet(n_classes=19).state_dict(), "conv_out16.conv_out.weight": torch.zeros(5, 64, 1, 1)}
     with pytest.raises(ValueError, match="disagree"):
         bisenet_config(mixed)
-
-
-def test_unwrap_basicsr():
-    plain, ema = RRDBNet(**SMALL).state_dict(), RRDBNet(**SMALL).state_dict()
-    assert unwrap_basicsr({"params": plain}) is plain  # esrgan_yunying.pth
-    assert unwrap_basicsr({"params_ema": ema}) is ema  # RealESRGAN_x4plus.pth
-    assert unwrap_basicsr({"params": plain, "params_ema": ema}) is ema  # as Real-ESRGAN's loader prefers
-    assert unwrap_basicsr(plain) is plain
-    wav2lip_checkpoint = {"state_dict": plain, "optimizer": None, "global_step": 0}
-    for wrong in (wav2lip_checkpoint, {}, [plain], {"params": None}):
-        with pytest.raises(ValueError, match="not a BasicSR checkpoint") as e:
-            unwrap_basicsr(wrong)
-        assert "\n" not in str(e.value)
