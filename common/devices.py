@@ -74,9 +74,10 @@ def select_dtype(precision: str, device: torch.device, insist: bool = False) -> 
 
 def prepare_network(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """`model` for inference on `device` in `dtype`: eval mode, no gradients, and on a CPU in channels-last
-    (NHWC), oneDNN's fast layout for convolutions in every precision."""
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+    (NHWC), oneDNN's fast layout for convolutions in every precision. One copy of the weights: cast and
+    laid out together (two steps cost twice the first touches of fresh memory, ~0.3 CPU-s for the generator)."""
+    layout = torch.channels_last if device.type == "cpu" else torch.preserve_format
+    return model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
 
 
 def select_device(name: str = "auto") -> torch.device:

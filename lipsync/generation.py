@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from audio import mel_windows
-from common.devices import BatchLimit, in_chunks
-from common.weights import load_model, skeleton
+from common.devices import BatchLimit, in_chunks, prepare_network
+from common.errors import UserError
+from common.weight_cache import load_prepared
+from common.weights import load_model, missing_file_message, skeleton
 from lipsync.crops import Batch
 from lipsync.options import Options
 from lipsync.threads import ordered_map
@@ -35,6 +39,9 @@ GPU_BATCH_SIZE = 128  # the original's --wav2lip_batch_size
 CPU_BATCH_SIZE = 16  # on a CPU, smaller activation buffers are faster (cache, page faults): 16 vs 128 ≈ 1.8x
 CPU_FINE_CHUNK = 4  # frames at a time through the generator's finest stages on a CPU (cache-sized)
 CPU_WORKERS_MAX = 4  # generator batches run side by side on a CPU, each on its share of the cores
+PREPARED = (
+    "wav2lip-{dtype}-v1"  # the weight cache's tag of the prepared generator: bump when `prepare_generator` changes
+)
 BATCHES_BESIDE_WORKERS = 3  # in flight besides the workers': being cropped, queued, being pasted and encoded
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (n, S, S, 3) uint8 crops, (n, 1, 80, 16) mels → faces
 
@@ -89,18 +96,83 @@ def to_uint8(pred: torch.Tensor) -> np.ndarray:
     return to_scaled(pred).astype(np.uint8)
 
 
+class Float32Conv(nn.Conv2d):
+    """A convolution that computes in float32 whatever its input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float())
+
+
+def float32_tail(model: Wav2Lip) -> Wav2Lip:
+    """The output block's last 1x1 convolution (32 to 3 channels) and its sigmoid in float32, below float32.
+
+    They make the pixels: in bf16 the sigmoid's input carries 8 bits of mantissa, and rounding it there moved
+    the 96x96 faces by 0.7 dB PSNR against fp32 on the real clips (README, "Precision"), for 0.1 % of the FLOPs.
+    Works on the meta device too (the weight cache's skeleton); the state dict's keys stay the checkpoint's.
+    """
+    conv = model.output_block[1]
+    tail = Float32Conv(conv.in_channels, conv.out_channels, conv.kernel_size, device=conv.weight.device)
+    tail.load_state_dict({k: v.float() for k, v in conv.state_dict().items()}, assign=True)
+    model.output_block[1] = tail.requires_grad_(False)
+    return model
+
+
+def prepare_generator(model: Wav2Lip, device: torch.device, dtype: torch.dtype) -> Wav2Lip:
+    """The generator as it runs: BatchNorm folded into the convolutions, in `dtype` (channels-last on a
+    CPU), its last convolution in float32 below float32 (`float32_tail`)."""
+    model = prepare_network(fold_batchnorm(model), device, dtype)
+    return float32_tail(model) if dtype != torch.float32 else model
+
+
+def load_generator(checkpoint_path: str | os.PathLike, device: torch.device, dtype: torch.dtype,
+                   cache_dir: str | os.PathLike | None = None) -> Wav2Lip:  # fmt: skip
+    """The prepared generator of `checkpoint_path`; on a CPU mapped from the weight cache after the first
+    run (`common.weight_cache`, in `cache_dir`/weights or ~/.cache/wav2lip/weights)."""
+
+    def load() -> Wav2Lip:
+        return prepare_generator(load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip"), device, dtype)
+
+    if device.type != "cpu":
+        return load()
+    meta = torch.device("meta")
+    tag = PREPARED.format(dtype=str(dtype).removeprefix("torch."))
+    return load_prepared(
+        checkpoint_path, tag, cache_dir, load, lambda: prepare_generator(skeleton(Wav2Lip), meta, dtype)
+    )
+
+
+def in_background(fn: Callable[..., object], *args: object) -> Future:
+    """`fn(*args)` on a thread of its own; the future holds its result or its exception."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
 class Wav2LipTorch:
-    """Wav2Lip's forward pass in PyTorch, loaded once on a device with BatchNorm folded into the convolutions."""
+    """Wav2Lip's forward pass in PyTorch, loaded once on a device (`prepare_generator`), for any number of clips.
+
+    The weights load on a thread of their own while the run probes the video, reads the speech and decodes
+    its first batches: the first forward pass waits for them (`model`), and a file that is not a Wav2Lip
+    checkpoint is reported then; a missing file is reported at once.
+    """
 
     def __init__(
-        self, checkpoint_path: str | os.PathLike | Path, device: torch.device, dtype: torch.dtype = torch.float32
-    ) -> None:
+        self, checkpoint_path: str | os.PathLike | Path, device: torch.device, dtype: torch.dtype = torch.float32,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:  # fmt: skip
+        if not Path(checkpoint_path).is_file():
+            raise UserError(missing_file_message(checkpoint_path, "Wav2Lip"))
         self.device, self.dtype = device, dtype
-        model = fold_batchnorm(load_model(skeleton(Wav2Lip), checkpoint_path, "Wav2Lip", device)).to(dtype)
         # oneDNN's convolutions run ~10-20 % faster on NHWC tensors; outputs agree to float round-off
         self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
         self.fine_chunk = CPU_FINE_CHUNK if device.type == "cpu" else None
+        self._loading = in_background(load_generator, checkpoint_path, device, dtype, cache_dir)
+
+    @property
+    def model(self) -> Wav2Lip:
+        """The prepared generator, once loaded (waiting for it; its loading's error is raised here)."""
+        return self._loading.result()
 
     def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
@@ -108,10 +180,11 @@ class Wav2LipTorch:
 
     def scaled(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """The generated faces before the truncation: float32 pred·255 (`to_scaled`)."""
+        model = self.model
         with torch.inference_mode():
             inputs = generator_inputs(faces, mels, self.device, self.dtype)
             inputs = (x.contiguous(memory_format=self.memory_format) for x in inputs)
-            return to_scaled(self.model(*inputs, fine_chunk=self.fine_chunk))
+            return to_scaled(model(*inputs, fine_chunk=self.fine_chunk))
 
 
 class EnhanceStage(Protocol):

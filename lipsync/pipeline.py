@@ -151,7 +151,7 @@ class LipSync:
 
             path = onnx_file(SPECS["wav2lip"], model.onnx_path, model.checkpoint_path, model.cache_dir, quiet)
             return OnnxWav2Lip(path, self.device)  # type: ignore[return-value]  # the same interface
-        return Wav2LipTorch(model.checkpoint_path, self.device, self.dtype)
+        return Wav2LipTorch(model.checkpoint_path, self.device, self.dtype, model.cache_dir)
 
     def _s3fd_factory(self, model: ModelOptions, quiet: bool) -> Callable[[int | None], object]:
         """S3FD on first use; with the ONNX backend, its forward pass in ONNX Runtime (one session for every
