@@ -8,8 +8,8 @@ Two ways, chosen per clip by `hq_mode`:
   per-pixel choice between them by the hard mask, the result resized back to the box in float32 and stored
   by truncation. Every pixel of the box is rewritten, also where the mask is 0 (blurred there by the two
   resizes, and ~0.5 level darker from the truncation), and the mask's hard edge can show as stairs.
-- `soft`: the mask feathered (a Gaussian of `FEATHER_FRACTION` of the crop) and faded to 0 at the crop's
-  border, then applied at the box's own size and rounded: pixels outside the mask keep their exact source
+- `soft`: the mask eroded and feathered (a Gaussian of 1/`FEATHER_FRACTION` of the crop) and faded to 0 at
+  the box's border, then applied at the box's own size and rounded: pixels outside the mask keep their exact source
   values, and neither the mask's edge nor the box's shows. A face larger than the box (super-resolved) is
   shrunk with INTER_AREA, which does not alias as the fork's bilinear downscale does.
 
@@ -31,7 +31,7 @@ PARSE_SIZE = 512  # the fork parses and blends every crop at 512×512, whatever 
 SKIN, MOUTH, UPPER_LIP, LOWER_LIP = 1, 11, 12, 13  # of the 19 classes: 0 background, 2-5 brows and eyes, 10 nose, ...
 REGIONS = {"face": (SKIN, MOUTH, UPPER_LIP, LOWER_LIP), "lower_face": (SKIN, MOUTH, UPPER_LIP, LOWER_LIP),
            "mouth": (MOUTH, UPPER_LIP, LOWER_LIP)}  # fmt: skip
-FEATHER_FRACTION = 48  # soft mask: Gaussian sigma = crop / 48 (~3 px on a 140 px box; 10.7 px at 512)
+FEATHER_FRACTION = 96  # soft mask: erosion and Gaussian sigma = crop / 96 (5.3 px at 512; 1.5 px on a 140 px box)
 PREVIEW_COLOR = np.array([255, 255, 0], np.float32)  # BGR cyan: where the generated face will go
 
 
@@ -55,15 +55,18 @@ def fork_blend(frame: np.ndarray, box: Box, face: np.ndarray, labels: np.ndarray
 
 
 def soft_weights(labels: np.ndarray, region: str, width: int, height: int) -> np.ndarray:
-    """(height, width) float32 weights of the generated face: the region's mask feathered at 512×512, brought
-    to the box's size, then faded to exactly 0 on the box's border (so no box edge can show)."""
-    mask = region_mask(labels, region).astype(np.float32)
+    """(height, width) float32 weights of the generated face: the region's mask, eroded by one sigma and
+    feathered by a Gaussian of that sigma at 512×512 (so the fade lies mostly inside the region, and small
+    holes such as the eyes stay nearly untouched), brought to the box's size, then faded to exactly 0 on the
+    box's border (so no box edge can show)."""
+    mask = region_mask(labels, region).astype(np.uint8)
     sigma = PARSE_SIZE / FEATHER_FRACTION
-    kernel = 2 * int(3 * sigma) + 1
-    weights = cv2.GaussianBlur(mask, (kernel, kernel), sigma, borderType=cv2.BORDER_REPLICATE)
+    radius, kernel = round(sigma), 2 * int(3 * sigma) + 1
+    inner = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+    weights = cv2.GaussianBlur(inner.astype(np.float32), (kernel, kernel), sigma, borderType=cv2.BORDER_REPLICATE)
     interpolation = cv2.INTER_AREA if width < PARSE_SIZE and height < PARSE_SIZE else cv2.INTER_LINEAR
     weights = cv2.resize(weights, (width, height), interpolation=interpolation)
-    margin = 2 * sigma / PARSE_SIZE  # the fade's width, as a fraction of the box's side
+    margin = 2 * sigma / PARSE_SIZE  # the border's fade, as a fraction of the box's side
     return weights * np.minimum.outer(edge_ramp(height, margin), edge_ramp(width, margin))
 
 

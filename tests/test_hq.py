@@ -323,3 +323,27 @@ def test_realtime_refuses_super_resolution_that_cannot_keep_its_budget(wav2lip_c
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and re.search(r"super-resolution ×4: one frame takes \d+ ms on cpu", err[-1])
     assert "GPU" in err[-1] and not (tiny["dir"] / "rt.mp4").exists()
+
+
+# --- ONNX Runtime, and the other doors --------------------------------------------------------------------------
+
+
+def test_onnx_backend_runs_both_networks(wav2lip_checkpoint, esrgan_small, parser_weights, tiny, tmp_path):
+    from lipsync.face_parsing import OnnxParser
+    from lipsync.super_resolution import OnnxSR
+
+    want = run_frames(hq_sync(wav2lip_checkpoint, esrgan_small, parser_weights), tiny, hq_mode="soft")
+    sync = hq_sync(wav2lip_checkpoint, esrgan_small, parser_weights, backend="onnxruntime", cache_dir=str(tmp_path))
+    assert isinstance(sync.enhance.steps[0].forward, OnnxSR) and isinstance(sync.enhance.parser.labels, OnnxParser)
+    assert {p.name.split("-")[0] for p in (tmp_path / "onnx").glob("*.onnx")} == {"wav2lip", "esrgan", "bisenet"}
+    diff = np.abs(run_frames(sync, tiny, hq_mode="soft").astype(int) - want)
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_evaluation_takes_the_hq_flags():
+    from evaluation.gen_videos_from_filelist import parse_args
+
+    args = parse_args(["--filelist", "f", "--results_dir", "r", "--data_root", "d", "--checkpoint_path", "c",
+                       "--sr_path", "esrgan.pth", "--segmentation_path", "seg.pth", "--hq_mode", "soft"])  # fmt: skip
+    assert (args.sr_path, args.segmentation_path, args.hq_mode, args.mask_region) == (
+        "esrgan.pth", "seg.pth", "soft", "face")  # fmt: skip
