@@ -39,7 +39,18 @@ def main(argv: list[str] | None = None) -> None:
     from webapp.page import build_app
 
     demo = build_app(args.checkpoint_path, args.detector_path, args.syncnet_model)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
+    # quiet: Gradio's own lines would tell a user to "set `share=True` in `launch()`"; ours name the flag
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
+                quiet=True, prevent_thread_lock=True)  # fmt: skip
+    print(served_line(demo.local_url, args.share), flush=True)
+    demo.block_thread()
+
+
+def served_line(local_url: str, shared: bool) -> str:
+    """Where the page is served, and (unless `shared`: Gradio prints the public link itself) how to share it:
+    with this command's flag, not Gradio's `launch()` argument."""
+    line = f"* Running on local URL: {local_url}"
+    return line if shared else f"{line}\n* To create a public link, run app.py with --share."
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def loss_of(model: torch.nn.Module, batch: tuple[torch.Tensor, ...], ctx: loop.C
     x, mel, y = (t.to(ctx.device, non_blocking=True) for t in batch)
     with loop.autocast(ctx, amp):
         a, v = model(mel, x)
-    return loop.finite_or_nan(cosine_loss, a.float(), v.float(), y)
+    return run_folder.finite_or_nan(cosine_loss, a.float(), v.float(), y)
 
 
 def evaluate(model: SyncNet_color, loader: DataLoader, ctx: loop.Context, amp: str, max_batches: int) -> float:
@@ -84,7 +84,9 @@ def train(config: ExpertConfig) -> loop.RunResult:
         )
         original_eval = min(EVAL_STEPS, math.ceil(len(val_set.videos) / hp.syncnet_batch_size))
         eval_steps = loop.eval_batches(config.eval_steps, original_eval, ctx)
-        train_loader, val_loader = loop.loaders(train_set, val_set, hp.syncnet_batch_size, ctx, config, 8)
+        train_loader, val_loader = loop.loaders(
+            train_set, val_set, hp.syncnet_batch_size, ctx, config, 8, "syncnet_batch_size"
+        )
 
         # model, optimizer, resume
         model = SyncNet_color().to(ctx.device)
@@ -112,7 +114,7 @@ def train(config: ExpertConfig) -> loop.RunResult:
                   f"{ctx.device}, from step {progress.step}")  # fmt: skip
         with loop.Monitor(folder, ctx, config, banner, progress.step) as monitor:
             loop.run_loop(
-                train_loader, progress, config.max_steps, ctx, monitor, train_step=train_step, save=save,
+                train_loader, progress, config.max_steps, ctx, monitor, folder=folder, train_step=train_step, save=save,
                 evaluate=lambda: {"loss": evaluate(model, val_loader, ctx, config.amp, eval_steps)},
                 eval_due=lambda step: step % hp.syncnet_eval_interval == 0,
                 save_due=lambda step: step % hp.syncnet_checkpoint_interval == 0,

@@ -121,7 +121,7 @@ def sync_loss(syncnet: nn.Module, mel: torch.Tensor, g: torch.Tensor, ctx: loop.
     frames = torch.cat([lower[:, :, i] for i in range(SYNCNET_T)], dim=1)
     with loop.autocast(ctx, amp):
         a, v = syncnet(mel, frames)
-    return loop.finite_or_nan(cosine_loss, a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
+    return run_folder.finite_or_nan(cosine_loss, a.float(), v.float(), torch.ones(len(g), 1, device=g.device))
 
 
 @contextlib.contextmanager
@@ -329,7 +329,7 @@ def train(config: GeneratorConfig) -> GeneratorResult:
                   f"syncnet_wt {sync_weight.value}")  # fmt: skip
         with loop.Monitor(folder, ctx, config, banner, progress.step) as monitor:
             loop.run_loop(
-                train_loader, progress, config.max_steps, ctx, monitor, train_step=step, save=save_all,
+                train_loader, progress, config.max_steps, ctx, monitor, folder=folder, train_step=step, save=save_all,
                 evaluate=lambda: evaluate(nets, val_loader, ctx, config.amp, eval_steps),
                 eval_due=lambda step: step == 1 or step % hp.eval_interval == 0,
                 save_due=lambda step: step % hp.checkpoint_interval == 0,

@@ -16,10 +16,12 @@ import hashlib
 import itertools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from common.atomic_files import write_text_atomic
 from common.devices import BatchLimit, in_chunks
@@ -30,6 +32,8 @@ from lipsync.options import Options
 from lipsync.threads import Report, progress
 
 SMOOTH_WINDOW = 5  # frames averaged by the original's get_smoothened_boxes
+LONG_DETECTION_S = 60  # detection expected to take longer than this says so, with the options that shorten it
+FAST_MAX_SIDE, FAST_DET_EVERY = 320, 5  # the settings that note suggests: still finds a face filling a frame
 CACHE_VERSION = 2  # boxes stored as x1, y1, x2, y2 since version 1
 Detect = Callable[[np.ndarray], list]  # [B, H, W, 3] BGR frames → a box (x1, y1, x2, y2) or None each
 
@@ -124,16 +128,78 @@ def keyframe_batches(frames: Iterable[np.ndarray], every: int, size: int) -> Ite
         yield pending
 
 
-def detect_keyframes(frames: Iterable[np.ndarray], detect: Callable[[list[np.ndarray]], list], every: int,
-                     size: int) -> tuple[dict[int, Box | None], int]:  # fmt: skip
-    """Raw detections {frame index: box or None} on every `every`-th frame (and the last), and the count."""
-    keyframes: dict[int, Box | None] = {}
+Detected = list[tuple[int, Box | None]]  # a batch's raw detections: (frame index, box or None)
+
+
+def detected_batches(frames: Iterable[np.ndarray], detect: Callable[[list[np.ndarray]], list], every: int,
+                     size: int) -> Iterator[Detected]:  # fmt: skip
+    """Raw detections on every `every`-th frame (and the last), a batch at a time as each is detected."""
     for batch in keyframe_batches(frames, every, size):
         found = detect([frame for _, frame in batch])
-        keyframes.update((i, None if b is None else Box(*b)) for (i, _), b in zip(batch, found, strict=True))
+        yield [(i, None if b is None else Box(*b)) for (i, _), b in zip(batch, found, strict=True)]
+
+
+def frames_through(batch: Detected) -> int:
+    """How many frames of the video a detected batch completes (the skipped ones before it included)."""
+    return batch[-1][0] + 1
+
+
+def detect_keyframes(batches: Iterable[Detected]) -> tuple[dict[int, Box | None], int]:
+    """Raw detections {frame index: box or None} of every batch, and the video's frame count."""
+    keyframes: dict[int, Box | None] = {}
+    for batch in batches:
+        keyframes.update(batch)
     if not keyframes:
         raise UserError("the face video yielded no frames")
     return keyframes, max(keyframes) + 1
+
+
+def announce_duration(
+    batches: Iterable[Detected], total: int, opts: Options, shape: tuple[int, ...], cached: bool
+) -> Iterator[Detected]:
+    """`batches`, saying once, after the first (the earliest honest rate), how long detection will take when
+    that is more than `LONG_DETECTION_S`, and which options shorten it."""
+    start = time.perf_counter()
+    for k, batch in enumerate(batches):
+        if k == 0 and not opts.quiet:
+            done = frames_through(batch)
+            if note := duration_note(total, done, (time.perf_counter() - start) / done, opts, shape, cached):
+                tqdm.write(note, file=sys.stderr)
+        yield batch
+
+
+def duration_note(
+    total: int, done: int, per_frame: float, opts: Options, shape: tuple[int, ...], cached: bool
+) -> str | None:
+    """The line that says how long detecting `total` frames will take at `per_frame` seconds a frame, and
+    which of --box, --det_max_side, --det_every and (unless `cached`) --cache_dir would shorten it; None for
+    a short run."""
+    left = (total - done) * per_frame
+    if left < LONG_DETECTION_S:
+        return None
+    faster = ["--box TOP BOTTOM LEFT RIGHT (no detection)"]
+    side = max(shape[:2])
+    if side > FAST_MAX_SIDE and (opts.det_max_side is None or opts.det_max_side > FAST_MAX_SIDE):
+        now = min(side, opts.det_max_side or side)
+        faster.append(f"--det_max_side {FAST_MAX_SIDE} (~{(now / FAST_MAX_SIDE) ** 2:.1f}× less work a frame)")
+    if opts.det_every < FAST_DET_EVERY:
+        faster.append(f"--det_every {FAST_DET_EVERY} (~{FAST_DET_EVERY / opts.det_every:.0f}× fewer frames)")
+    if not cached:
+        faster.append("--cache_dir DIR (the next run on this video skips it)")
+    return (
+        f"note: face detection will take about {minutes(left + done * per_frame)} ({total} frames at "
+        f"{per_frame:.2f} s each); faster: " + ", ".join(faster)
+    )
+
+
+def minutes(seconds: float) -> str:
+    """`seconds` as a person reads a duration: "45 s", "6 min 19 s", "1 h 2 min"."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def detection_batch_size(opts: Options, source: FrameSource) -> int:
@@ -215,13 +281,15 @@ class FaceBoxes:
 
         limit = None if cache is not None and not source.static else n_needed  # a cache entry: the whole video
         total = min(n for n in (limit, source.info.n_frames) if n is not None)
-        frames = progress(itertools.islice(source, limit), total, "detect faces", opts.quiet, report)
-        keyframes, n = detect_keyframes(frames, detect, opts.det_every, batch_size)
+        batches = detected_batches(itertools.islice(source, limit), detect, opts.det_every, batch_size)
+        batches = announce_duration(batches, total, opts, source.shape, cache is not None)
+        keyframes, n = detect_keyframes(progress(batches, total, "detect faces", opts.quiet, report, frames_through))
         if near_misses := frames_near_misses(keyframes):
             wanted = set(near_misses)
             again = (frame for i, frame in enumerate(itertools.islice(source, n)) if i in wanted)
-            again = progress(again, len(near_misses), "detect faces near misses", opts.quiet, report)
-            found, _ = detect_keyframes(again, detect, 1, batch_size)
+            again = detected_batches(again, detect, 1, batch_size)
+            again = progress(again, len(near_misses), "detect faces near misses", opts.quiet, report, frames_through)
+            found, _ = detect_keyframes(again)
             keyframes.update(zip(near_misses, (found[k] for k in range(len(near_misses))), strict=True))
         boxes = interpolate(keyframes, n)
         if cache is not None:

@@ -130,13 +130,19 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, threads:
 
 
 def progress(
-    items: Iterable[T], total: int | None, stage: str, quiet: bool, report: Report | None = None
-) -> Iterator[T]:
+    items: Iterable[T], total: int | None, stage: str, quiet: bool, report: Report | None = None,
+    done_after: Callable[[T], int] | None = None,
+) -> Iterator[T]:  # fmt: skip
     """`items`, counted on a progress bar (stderr, unless `quiet`) and reported as `report(stage, done, total)`
-    after each; `report` may raise to cancel the run (the stages then unwind and leave no output)."""
+    after each; `report` may raise to cancel the run (the stages then unwind and leave no output).
+
+    An item counts one frame, or with `done_after(item)` brings the count to that many frames: a batch
+    counts when its work is done, with all its frames, so the rate (and the time left) is the work's, not
+    that of reading the frames ahead of it."""
     with tqdm(total=total, desc=stage, unit="frame", disable=quiet, file=sys.stderr) as bar:
-        for done, item in enumerate(items, start=1):
+        for count, item in enumerate(items, start=1):
             yield item
-            bar.update(1)
+            done = count if done_after is None else done_after(item)
+            bar.update(done - bar.n)
             if report is not None:
                 report(stage, done, total)

@@ -104,3 +104,21 @@ def parser_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("bisenet") / "face_segmentation.pth"
     torch.save(parser_stand_in(BiSeNet()), path)
     return path
+
+
+BROWSER_SKIPS = ("no chromium/chromedriver", "no selenium")  # tests/chromium.py's reasons to skip a browser test
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say, in pytest's summary, that the browser tests were skipped and how to run them: a plain `pytest`
+    on a machine without Chromium would otherwise pass without them, unnoticed."""
+    reports = terminalreporter.stats.get("skipped", [])
+    skipped = [r for r in reports if any(reason in str(r.longrepr) for reason in BROWSER_SKIPS)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} browser tests did not run: no chromium/chromedriver on PATH (or no selenium). To run "
+            "them, install them (Debian/Ubuntu: apt-get install chromium chromium-driver; pip install -r "
+            "requirements-dev.txt) and run pytest again.",
+            yellow=True,
+            bold=True,
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import socket
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Subset
 
 import color_syncnet_train
 import hq_wav2lip_train
@@ -22,7 +24,10 @@ import wav2lip_train
 from common.errors import UserError
 from common.weights import load_weights
 from models import SyncNet_color, Wav2Lip, Wav2Lip_disc_qual
+from tools.detweights import det_state_dict
 from tools.make_synthetic_lrs2 import make_dataset
+from training import loop, run_folder
+from training.datasets import Wav2LipDataset, batch_indices
 from training.loop import Context, RunResult
 from wav2lip_train import SyncWeight
 
@@ -283,3 +288,74 @@ def test_checkpoint_dir_that_is_a_file(synth, tmp_path):
     f.write_text("")
     with pytest.raises(UserError, match="choose another --checkpoint_dir"):
         color_syncnet_train.main(common(synth, f, "--max_steps", "1"))
+
+
+# --- small data: no batch of one, and any failure in one line ------------------------------------------------
+
+
+def test_no_batch_holds_a_single_sample():
+    assert batch_indices(range(7), 2, drop_last=False) == [[0, 1], [2, 3], [4, 5, 6]]  # the last one joins
+    assert batch_indices(range(7), 2, drop_last=True) == [[0, 1], [2, 3], [4, 5]]  # the original's training
+    assert batch_indices(range(17), 16, drop_last=True) == [list(range(16))]
+    assert batch_indices(range(5), 16, drop_last=True) == [list(range(5))]  # nothing full to keep instead
+    assert batch_indices([3], 2, drop_last=False) == [[3, 3]]  # alone: taken twice, every mean unchanged
+    assert batch_indices([], 2, drop_last=False) == []
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_no_loader_yields_a_batch_of_one_in_any_shard(world_size):
+    """7 windows in batches of 2: the last batch of an epoch, of a val split, and of each DDP shard."""
+    for n, drop_last in ((7, False), (7, True), (3, True), (1, False)):
+        for rank in range(world_size):
+            ctx = Context(rank, world_size, torch.device("cpu"))
+            data = [torch.zeros(1)] * n
+            loader = loop.make_loader(data, 2, ctx, shuffle=True, num_workers=0, seed=0, drop_last=drop_last)
+            sizes = [len(batch) for batch in loader]
+            assert sizes and min(sizes) >= 2 and len(loader) == len(sizes), (n, drop_last, rank, sizes)
+
+
+def test_an_evaluation_whose_last_batch_holds_one_window_runs(synth, tmp_path):
+    """The step-1 evaluation that crashed: the frozen expert's BatchNorm in train mode, a last batch of one."""
+    expert = tmp_path / "expert.pth"
+    torch.save({"state_dict": det_state_dict("SyncNet_color")}, expert)
+    config = wav2lip_train.config_from_argv(common(synth, tmp_path / "c", "--syncnet_checkpoint_path", str(expert)))
+    ctx = Context(0, 1, torch.device("cpu"))
+    nets, _, _ = wav2lip_train.build_networks(config, ctx)
+    val = Subset(Wav2LipDataset(synth, "val", synth / "filelists", config.hparams), range(3))
+    loader = loop.make_loader(val, 2, ctx, shuffle=True, num_workers=0, seed=1, drop_last=False)
+    result = wav2lip_train.evaluate(nets, loader, ctx, "off", wav2lip_train.EVAL_STEPS)
+    assert set(result) == {"l1", "sync_loss"} and all(math.isfinite(v) for v in result.values())
+
+
+def test_a_batch_size_of_one_is_one_line(synth, tmp_path):
+    with pytest.raises(UserError, match=r"^syncnet_batch_size=1: batches need at least 2 samples"):
+        color_syncnet_train.main(common(synth, tmp_path / "c", "--max_steps", "1", "--hparams", "syncnet_batch_size=1"))
+
+
+def test_an_unexpected_error_is_one_line_naming_the_step_with_the_traceback_kept(synth, tmp_path, monkeypatch):
+    loss_of = color_syncnet_train.loss_of
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("Expected more than 1 value per channel\nsecond line")
+        return loss_of(*args, **kwargs)
+
+    monkeypatch.setattr(color_syncnet_train, "loss_of", failing)
+    folder = tmp_path / "c"
+    argv = common(synth, folder, "--max_steps", "5", "--hparams", "syncnet_batch_size=2")
+    with pytest.raises(run_folder.TrainingError) as e:
+        color_syncnet_train.main(argv)
+    log = folder / "crash.log"
+    assert str(e.value) == (
+        "step 3: training stopped by an unexpected error (ValueError: Expected more than 1 value per channel); "
+        f"the traceback is in {log}"
+    )
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # run_cli prints the one line
+    text = log.read_text()
+    assert text.startswith("step 3\nTraceback") and "second line" in text and "in failing" in text
+    # before any step (the networks, the data): named as such
+    monkeypatch.setattr(color_syncnet_train, "SyncNet_color", lambda: 1 / 0)
+    with pytest.raises(run_folder.TrainingError, match=r"^while setting up the run: .*\(ZeroDivisionError: division"):
+        color_syncnet_train.main(argv)

@@ -3,12 +3,19 @@
 The goldens were computed by the original code with weights that depend only on each state-dict key and
 shape, so our modules can be checked against them without any pretrained file. Tests and benches both
 use these weights, so the module lives in tools/ and no bench imports a test module.
+
+As a command, it writes them as stand-in weight files where the scripts look for the real ones, so a
+newcomer sees the pipeline run before downloading anything (README, "Try it without weights"):
+
+    python -m tools.detweights    # checkpoints/wav2lip_gan.pth, face_detection/detection/sfd/s3fd.pth
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -169,3 +176,90 @@ def parser_stand_in(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     head[0] *= PARSER_BACKGROUND_GAIN
     head[list(PARSER_FACE_CLASSES)] *= PARSER_FACE_GAIN
     return sd
+
+
+# --- stand-in weight files: `python -m tools.detweights` -------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+STAND_INS = {"Wav2Lip": "wav2lip_gan.pth", "s3fd": "s3fd.pth"}  # what inference.py reads by default
+STAND_IN_NOTE = (
+    "STAND-IN weights (deterministic, untrained; the tests' weights): the mouth comes out as a noise patch "
+    "and the detector finds no real face, so pass --box (README, 'Try it without weights'); put the real "
+    "files in their place for real results (README, 'Checkpoints')"
+)
+
+
+def stand_in_container(arch: str) -> dict:
+    """What a stand-in file holds: the generator in the original training container, S3FD as the raw state
+    dict of the released s3fd.pth; each loads where the real file does."""
+    weights = det_state_dict(arch)
+    if arch == "s3fd":
+        return weights
+    return {"state_dict": weights, "optimizer": None, "global_step": 0, "global_epoch": 0}
+
+
+def is_stand_in(path: Path, arch: str) -> bool:
+    """Whether `path` holds exactly `arch`'s deterministic weights (so it may be rewritten)."""
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours to overwrite
+        return False
+    found = found.get("state_dict", found) if isinstance(found, dict) else None
+    want = det_state_dict(arch)
+    return isinstance(found, dict) and list(found) == list(want) and all(torch.equal(found[k], want[k]) for k in want)
+
+
+def check_replaceable(path: Path, arch: str) -> None:
+    """A file at `path` that is not `arch`'s stand-in is refused in one line: it may be the real weights."""
+    from common.errors import UserError
+
+    if path.exists() and not is_stand_in(path, arch):
+        raise UserError(
+            f"{path}: a file is already there and it is not a stand-in (real weights?): not overwritten; move it "
+            "away, or write the stand-ins elsewhere with --out / --detector_out"
+        )
+
+
+def write_stand_ins(targets: dict[str, Path]) -> list[Path]:
+    """Write each arch's stand-in at its path (atomically), after checking that none would replace a file
+    that is not a stand-in: all of them or none."""
+    from common.atomic_files import atomic_path
+
+    for arch, path in targets.items():
+        check_replaceable(path, arch)
+    for arch, path in targets.items():
+        with atomic_path(path) as tmp:
+            torch.save(stand_in_container(arch), tmp)
+    return list(targets.values())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from face_detection.detection.sfd.sfd_detector import default_weights_path
+
+    p = argparse.ArgumentParser(
+        prog="python -m tools.detweights",
+        description="Write stand-in weights where the scripts look for the real ones, to see the pipeline run "
+        "without downloading anything. " + STAND_IN_NOTE + ".",
+    )
+    p.add_argument(
+        "--out", default=str(REPO / "checkpoints"), help="folder for wav2lip_gan.pth (default: checkpoints/)"
+    )
+    p.add_argument("--detector_out", default=str(default_weights_path()),
+                   help="the S3FD file (default: face_detection/detection/sfd/s3fd.pth, where face detection looks)")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    targets = {"Wav2Lip": Path(args.out) / STAND_INS["Wav2Lip"], "s3fd": Path(args.detector_out)}
+    for path in write_stand_ins(targets):
+        print(f"wrote {path}")
+    print(STAND_IN_NOTE)
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run by path (python tools/detweights.py): the repository root is not on the path
+        sys.path.insert(0, str(REPO))
+    from common.errors import run_cli
+
+    run_cli(main)

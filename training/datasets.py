@@ -20,7 +20,10 @@ What changes, for speed and robustness:
   decoded the audio and recomputed the whole clip's spectrogram for every sample); the cache is written
   atomically, so DataLoader workers and DDP ranks may build it at the same time;
 - a file that cannot be read is reported once and its video skipped, instead of retrying forever;
-- `neg_min_offset`: the expert's negatives lie at least this many frames from the positive.
+- `neg_min_offset`: the expert's negatives lie at least this many frames from the positive;
+- no batch holds a single sample (`batch_indices`): a last batch of one, in an epoch, an evaluation or a
+  DDP shard, joins the batch before it. The expert's BatchNorm (trained, and frozen in train mode inside
+  the generator's sync loss, as the original) cannot normalise one sample of its 1×1 audio features.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 import audio
 from common.atomic_files import atomic_path
@@ -48,6 +52,7 @@ SYNCNET_T = 5  # frames per window: 0.2 s at 25 fps
 SYNCNET_MEL_STEP_SIZE = audio.MEL_STEP_SIZE  # 16 mel columns: 0.2 s
 MIN_FRAMES = 3 * SYNCNET_T  # the original skips videos with this many face crops or fewer
 MAX_RETRIES = 50  # unreadable samples replaced by others before giving up
+MIN_BATCH = 2  # BatchNorm in train mode needs two values per channel; a 1×1 feature map has one per sample
 AUDIO_HPARAMS = (
     "num_mels", "rescale", "rescaling_max", "use_lws", "n_fft", "hop_size", "win_size", "sample_rate",
     "frame_shift_ms", "signal_normalization", "allow_clipping_in_normalization", "symmetric_mels",
@@ -380,3 +385,51 @@ class Wav2LipDataset(LRS2Windows):
 def prepare_window(window: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) uint8 → (3, T, H, W) float32 in [0, 1]."""
     return np.ascontiguousarray(window.transpose(3, 0, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
+# --- batches ---------------------------------------------------------------------------------------------
+
+
+def batch_indices(indices: Sequence[int], batch_size: int, drop_last: bool) -> list[list[int]]:
+    """`indices` in order, in batches of `batch_size`, none of a single sample.
+
+    With `drop_last`, an incomplete last batch is dropped when a full one precedes it (the original's
+    training loader). A last batch of one joins the batch before it (one sample more there), so an
+    evaluation still sees every window; when it is the only batch, its sample is taken twice, which leaves
+    every mean over the batch unchanged. `batch_size` is at least `MIN_BATCH` (`check_batch_size`).
+    """
+    batches = [list(indices[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    if batches and len(batches[-1]) == 1:
+        if len(batches) > 1:
+            batches[-2].extend(batches.pop())
+        else:
+            batches[-1] *= 2
+    return batches
+
+
+def check_batch_size(batch_size: int, name: str) -> None:
+    """A batch of one cannot train (see `MIN_BATCH`): a one-line error naming the hyperparameter."""
+    if batch_size < MIN_BATCH:
+        raise UserError(
+            f"{name}={batch_size}: batches need at least {MIN_BATCH} samples (BatchNorm normalises over the "
+            f"batch); set --hparams {name}={MIN_BATCH} or more"
+        )
+
+
+class Batches(Sampler[list[int]]):
+    """A DataLoader's `batch_sampler`: this rank's share of the windows (`sampler`, a DistributedSampler) in
+    `batch_indices`' batches; `set_epoch` reshuffles, as the sampler's."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(batch_indices(list(self.sampler), self.batch_size, self.drop_last))
+
+    def __len__(self) -> int:
+        return len(batch_indices(range(len(self.sampler)), self.batch_size, self.drop_last))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)

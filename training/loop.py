@@ -30,9 +30,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.atomic_files import check_writable, write_text_atomic
 from common.devices import torchrun_rank
+from common.errors import UserError
 from common.flags import add_arguments, option
 from hparams import HParams, add_hparams_argument, from_argument
-from training.run_folder import check_finite, exclusive, remove_partials
+from training.datasets import Batches, check_batch_size
+from training.run_folder import check_finite, exclusive, failure, remove_partials
 
 C = TypeVar("C", bound="TrainConfig")
 
@@ -53,7 +55,7 @@ class TrainConfig:
     max_steps: int | None = option(None, "stop after this global step (and save)")
     keep_last: int = option(0, "keep only the newest K checkpoints (0: all)")
     eval_steps: int | None = option(
-        None, "val batches per evaluation, over all ranks (default: as many samples as the original's evaluation)"
+        None, "val batches per evaluation, over all ranks (default: the original's count; at most one pass over val)"
     )
     num_workers: int | None = option(None, "DataLoader workers (default: hparams)")
     amp: str = option(
@@ -127,7 +129,7 @@ def setup(device_name: str = "auto", seed: int = 0) -> Context:
 @contextlib.contextmanager
 def session(config: TrainConfig) -> Iterator[tuple[Context, Path]]:
     """What a trainer starts with: its context and a checkpoint folder proven writable; the process group
-    is left on the way out, however the run ends."""
+    is left on the way out, however the run ends, and an unexpected error is one line (`run_folder.failure`)."""
     ctx = setup(config.device, config.seed)
     if config.amp != "off" and ctx.device.type != "cuda" and ctx.is_main:
         print(f"note: --amp {config.amp} only applies on CUDA; training in float32 on {ctx.device}", file=sys.stderr)
@@ -136,7 +138,12 @@ def session(config: TrainConfig) -> Iterator[tuple[Context, Path]]:
         with exclusive(folder) if ctx.is_main else contextlib.nullcontext():
             if ctx.is_main:
                 remove_partials(folder)  # a killed run's half-written checkpoints: ours to remove, holding the lock
-            yield ctx, folder
+            try:
+                yield ctx, folder
+            except UserError:
+                raise
+            except Exception as e:  # not in a step (run_loop names those): building the data or the networks
+                raise failure(folder, None, e, ctx.rank) from None
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -159,27 +166,29 @@ def unwrap(model: nn.Module) -> nn.Module:
 def make_loader(
     dataset: Dataset, batch_size: int, ctx: Context, *, shuffle: bool, num_workers: int, seed: int, drop_last: bool
 ) -> DataLoader:
-    """A loader over this rank's share of `dataset` (the whole of it in one process); call
-    `loader.sampler.set_epoch(epoch)` each epoch for a new order."""
+    """This rank's share of `dataset`, in batches never of one sample (`datasets.batch_indices`); call
+    `loader.batch_sampler.set_epoch(epoch)` for each epoch's order. A set too small to fill a batch per
+    rank keeps all its samples (no `drop_last`)."""
+    drop_last = drop_last and len(dataset) >= batch_size * ctx.world_size
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
     )
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_sampler=Batches(sampler, batch_size, drop_last),
         num_workers=num_workers,
         pin_memory=ctx.device.type == "cuda",
-        drop_last=drop_last and len(dataset) >= batch_size * ctx.world_size,
         persistent_workers=num_workers > 0,
     )
 
 
 def loaders(
-    train_set: Dataset, val_set: Dataset, batch_size: int, ctx: Context, config: TrainConfig, val_workers: int
-) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders; val is shuffled with a fixed seed, so every evaluation sees the same windows,
-    and it gets at most `val_workers` workers (the original's count)."""
+    train_set: Dataset, val_set: Dataset, batch_size: int, ctx: Context, config: TrainConfig, val_workers: int,
+    batch_name: str = "batch_size",
+) -> tuple[DataLoader, DataLoader]:  # fmt: skip
+    """(train, val) loaders of `batch_size` (the hyperparameter `batch_name`), as the original's; val is
+    shuffled with a fixed seed, so every evaluation sees the same windows, with at most `val_workers` workers."""
+    check_batch_size(batch_size, batch_name)
     train = make_loader(
         train_set, batch_size, ctx, shuffle=True, num_workers=config.workers, seed=config.seed, drop_last=True
     )
@@ -193,7 +202,7 @@ def steps(loader: DataLoader, step: int, epoch: int, max_steps: int | None) -> I
     `epoch`, up to `max_steps` (without it, forever). `last`: the run ends with this step, so it
     evaluates and saves whatever the intervals say."""
     while max_steps is None or step < max_steps:
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         for batch in loader:
             step += 1
             yield step, epoch, batch, max_steps is not None and step >= max_steps
@@ -219,11 +228,12 @@ TrainStep = Callable[[Any, Callable[[dict[str, float]], None]], tuple[dict[str, 
 
 def run_loop(
     loader: DataLoader, progress: Progress, max_steps: int | None, ctx: Context, monitor: Monitor, *,
-    train_step: TrainStep, evaluate: Callable[[], dict[str, float]], eval_due: Callable[[int], bool],
+    folder: Path, train_step: TrainStep, evaluate: Callable[[], dict[str, float]], eval_due: Callable[[int], bool],
     save_due: Callable[[int], bool], save: Callable[[int, int, Any, Any], Path],
     evaluated: Callable[[dict[str, float]], dict[str, float]] = lambda evaluation: {},
 ) -> Progress:  # fmt: skip
     """The loop both trainers run: step, log; evaluate when due; save when due; and at the last step both.
+    Any other error than a `UserError` is one line naming the step and the cause (`run_folder.failure`).
 
     `train_step(batch, check)` trains on one batch, calling `check(losses)` before each optimizer step so
     that a non-finite loss stops the run (`run_folder.DivergedError`) before it reaches the weights; it
@@ -231,17 +241,24 @@ def run_loop(
     scalars to log with an evaluation (the sync-loss weight it switched on). `save(step, epoch, batch,
     output)` writes the checkpoint on rank 0 and returns its path.
     """
-    for step, epoch, batch, last in steps(loader, progress.step, progress.epoch, max_steps):
-        progress.step, progress.epoch = step, epoch
-        check = functools.partial(check_finite, progress.step, last_good=progress.good)
-        losses, samples, scalars, output = train_step(batch, check)
-        monitor.trained(progress.step, progress.epoch, losses, samples, **scalars)
-        if eval_due(progress.step) or last:
-            progress.evaluation = evaluate()
-            check({f"eval {k}": v for k, v in progress.evaluation.items()})
-            monitor.evaluated(progress.step, progress.evaluation, **evaluated(progress.evaluation))
-        if (save_due(progress.step) or last) and ctx.is_main:
-            progress.good = progress.path = save(progress.step, progress.epoch, batch, output)
+    under_way = progress.step + 1  # the step a failure is named by: fetching its batch counts as part of it
+    try:
+        for step, epoch, batch, last in steps(loader, progress.step, progress.epoch, max_steps):
+            progress.step, progress.epoch = step, epoch
+            check = functools.partial(check_finite, progress.step, last_good=progress.good)
+            losses, samples, scalars, output = train_step(batch, check)
+            monitor.trained(progress.step, progress.epoch, losses, samples, **scalars)
+            if eval_due(progress.step) or last:
+                progress.evaluation = evaluate()
+                check({f"eval {k}": v for k, v in progress.evaluation.items()})
+                monitor.evaluated(progress.step, progress.evaluation, **evaluated(progress.evaluation))
+            if (save_due(progress.step) or last) and ctx.is_main:
+                progress.good = progress.path = save(progress.step, progress.epoch, batch, output)
+            under_way = step + 1
+    except UserError:
+        raise
+    except Exception as e:
+        raise failure(folder, under_way, e, ctx.rank) from None
     return progress
 
 
@@ -294,16 +311,6 @@ class Stepper:
         """The learning rate and the scaler's figures; `skipped`: a total over several networks' steppers."""
         lr = {"lr": self.optimizer.param_groups[0]["lr"]}
         return lr | amp_scalars(self.scaler, self.skipped if skipped is None else skipped)
-
-
-def finite_or_nan(
-    loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, v: torch.Tensor, y: torch.Tensor
-) -> torch.Tensor:
-    """`loss_fn(a, v, y)` (the expert's BCE), or NaN when the embeddings are not finite: BCE raises on NaN,
-    and a diverged run must stop with `checkpoint_io.DivergedError`'s message, not that traceback."""
-    if not (torch.isfinite(a).all() and torch.isfinite(v).all()):
-        return torch.full((), float("nan"), device=a.device)
-    return loss_fn(a, v, y)
 
 
 def amp_scalars(scaler: torch.amp.GradScaler, skipped: int) -> dict[str, float]:

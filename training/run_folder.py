@@ -10,6 +10,9 @@
   one line (`DivergedError`); weights with a NaN or an infinity are never written over a good checkpoint.
 - Resume: the optimizer, the RNG states and the step come back from the container; a checkpoint made
   for another `img_size` is refused in one line.
+- Any other failure (a bug, a library's error, a full disk) stops the run with one line naming the step
+  and the cause (`TrainingError`); the whole traceback goes to `crash.log` beside the checkpoints, so a
+  real bug stays debuggable without a traceback reaching the user.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import contextlib
 import math
 import os
 import random
-from collections.abc import Iterator, Mapping
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.atomic_files import write_text_atomic
 from common.errors import UserError
 from common.weights import save_checkpoint
 from hparams import HParams
@@ -35,11 +40,31 @@ except ImportError:  # Windows: no advisory locks; the folder is not protected t
     fcntl = None
 
 LOCK_NAME = ".lock"
+CRASH_LOG = "crash.log"  # the traceback of a run that failed (crash_rank{N}.log for the other ranks)
 PARTIAL_GLOB = ".*.partial-*"  # files.PartialFile's temporary names
 
 
 class DivergedError(UserError):
     """The loss or the weights stopped being finite: the run is stopped before it saves them."""
+
+
+class TrainingError(UserError):
+    """An unexpected error stopped the run: one line for the user, the traceback in the folder's crash log."""
+
+
+def failure(folder: Path, step: int | None, error: BaseException, rank: int = 0) -> TrainingError:
+    """The one line that reports `error` at `step` (None: while setting up), after writing its whole
+    traceback to the crash log in `folder` (when the folder takes it)."""
+    log = folder / (CRASH_LOG if rank == 0 else f"crash_rank{rank}.log")
+    where = "while setting up the run" if step is None else f"step {step}"
+    try:
+        write_text_atomic(log, f"{where}\n" + "".join(traceback.format_exception(error)))
+        kept = f"; the traceback is in {log}"
+    except OSError:
+        kept = ""
+    cause = (str(error).strip().splitlines() or [""])[0]
+    cause = f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+    return TrainingError(f"{where}: training stopped by an unexpected error ({cause}){kept}")
 
 
 # --- one run per folder ----------------------------------------------------------------------------------
@@ -121,6 +146,16 @@ def check_finite(step: int, losses: Mapping[str, float], last_good: str | os.Pat
     bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
     if bad:
         raise DivergedError(diverged_message(step, ", ".join(f"{k} {v}" for k, v in bad.items()), last_good))
+
+
+def finite_or_nan(
+    loss_fn: Callable[..., torch.Tensor], a: torch.Tensor, v: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """`loss_fn(a, v, y)` (the expert's BCE), or NaN when the embeddings are not finite: BCE raises on NaN,
+    and a diverged run must stop with `DivergedError`'s message, not that traceback."""
+    if not (torch.isfinite(a).all() and torch.isfinite(v).all()):
+        return torch.full((), float("nan"), device=a.device)
+    return loss_fn(a, v, y)
 
 
 def diverged_message(step: int, what: str, last_good: str | os.PathLike | None) -> str:
