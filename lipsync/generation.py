@@ -33,7 +33,7 @@ from lipsync.crops import Batch
 from lipsync.options import Options
 from lipsync.threads import ordered_map
 from models import Wav2Lip
-from models.conv import fold_batchnorm
+from models.conv import Conv2d, Conv2dTranspose, fold_batchnorm
 
 GPU_BATCH_SIZE = 128  # the original's --wav2lip_batch_size
 CPU_BATCH_SIZE = 16  # on a CPU, smaller activation buffers are faster (cache, page faults): 16 vs 128 ≈ 1.8x
@@ -124,6 +124,22 @@ def prepare_generator(model: Wav2Lip, device: torch.device, dtype: torch.dtype) 
     return float32_tail(model) if dtype != torch.float32 else model
 
 
+def prepared_skeleton(dtype: torch.dtype) -> Wav2Lip:
+    """`prepare_generator`'s network on the meta device, for the weight cache's tensors to fill.
+
+    Its BatchNorms are dropped as `fold_batchnorm` drops them, without its arithmetic: the first operation on
+    a meta tensor runs a Python meta kernel that imports torch._dynamo, 1.2-1.5 CPU-s before the first frame
+    (about a tenth of a bf16 run). The cache's strict load checks that the keys match `prepare_generator`'s.
+    """
+    model = skeleton(Wav2Lip)
+    for block in model.modules():
+        if isinstance(block, Conv2d | Conv2dTranspose) and isinstance(block.conv_block[1], nn.BatchNorm2d):
+            block.conv_block[1] = nn.Identity()
+            block.act.inplace = True
+    model = prepare_network(model, torch.device("meta"), dtype)
+    return float32_tail(model) if dtype != torch.float32 else model
+
+
 def load_generator(checkpoint_path: str | os.PathLike, device: torch.device, dtype: torch.dtype,
                    cache_dir: str | os.PathLike | None = None) -> Wav2Lip:  # fmt: skip
     """The prepared generator of `checkpoint_path`; on a CPU mapped from the weight cache after the first
@@ -134,11 +150,8 @@ def load_generator(checkpoint_path: str | os.PathLike, device: torch.device, dty
 
     if device.type != "cpu":
         return load()
-    meta = torch.device("meta")
     tag = PREPARED.format(dtype=str(dtype).removeprefix("torch."))
-    return load_prepared(
-        checkpoint_path, tag, cache_dir, load, lambda: prepare_generator(skeleton(Wav2Lip), meta, dtype)
-    )
+    return load_prepared(checkpoint_path, tag, cache_dir, load, lambda: prepared_skeleton(dtype))
 
 
 def in_background(fn: Callable[..., object], *args: object) -> Future:
