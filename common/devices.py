@@ -80,6 +80,13 @@ def prepare_network(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     return model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
 
 
+def in_dtype_of(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """`x` in the dtype of `layer`'s weight: how a network whose layers hold several dtypes (a bf16 trunk,
+    float32 heads) feeds each one. A no-op, and no traced op for ONNX, when they already agree."""
+    dtype = layer.weight.dtype
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def select_device(name: str = "auto") -> torch.device:
     """`auto` prefers CUDA, then Apple's MPS, then the CPU; asking for one that is absent is an error."""
     if name == "auto":

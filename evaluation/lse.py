@@ -23,9 +23,11 @@ import torch
 from tqdm import tqdm
 
 from common.atomic_files import atomic_path, check_writable, write_text_atomic
+from common.devices import select_dtype
 from common.errors import UserError
 from evaluation import media
 from evaluation.syncnet import S
+from lipsync.options import PRECISION_FLAGS, ModelOptions, add_arguments
 
 FRAME_SIZE = 224  # SyncNet's input resolution; the original resizes every frame to it
 WINDOW_FRAMES = 5  # frames per lip window
@@ -190,6 +192,16 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
     parser.add_argument("--onnx_path", help="with --backend onnxruntime: SyncNet's .onnx (export_onnx.py --model "
                         "syncnet); default: exported from --initial_model once, into the cache")  # fmt: skip
     parser.add_argument("--cache_dir", help="where that export is cached, in onnx/ (default: ~/.cache/wav2lip/onnx)")
+    add_arguments(parser, ModelOptions, only=PRECISION_FLAGS)
+
+
+def scoring_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """The dtype of the scripts' --precision (--fp16, --force_precision) on `device`, as inference chooses it
+    (`common.devices.select_dtype`); says which ran, with the one-line note when it is not the one asked for."""
+    model = ModelOptions(**{name: getattr(args, name) for name in PRECISION_FLAGS})
+    dtype, note = select_dtype(model.precision, device, model.force_precision)
+    print(f"scoring on {device} in {str(dtype).removeprefix('torch.')}" + (f". Note: {note}." if note else ""))
+    return dtype
 
 
 def check_results_path(out: str | os.PathLike) -> None:

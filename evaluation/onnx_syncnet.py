@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import UserError
 from common.onnx_export import OnnxNet, Spec, onnx_file, open_session
 from evaluation.syncnet import load_syncnet
 
@@ -66,10 +67,13 @@ class OnnxSyncNet:
 
 
 def syncnet_loader(
-    backend: str, onnx_path: str | None, cache_dir: str | None = None
+    backend: str, onnx_path: str | None, cache_dir: str | None = None, dtype: torch.dtype = torch.float32
 ) -> Callable[[str, torch.device], object]:
-    """`(initial_model, device) -> model` for the evaluation scripts: syncnet_python's S in torch, or its
-    ONNX export (`onnx_path`, else exported into the cache) in ONNX Runtime."""
+    """`(initial_model, device) -> model` for the evaluation scripts: syncnet_python's S in torch (its lip
+    stream in `dtype`, `syncnet.prepare_syncnet`), or its ONNX export (`onnx_path`, else exported into the
+    cache) in ONNX Runtime, which runs float32 only."""
     if backend == "torch":
-        return load_syncnet
+        return lambda path, device: load_syncnet(path, device, dtype)
+    if dtype != torch.float32:
+        raise UserError("--precision bf16 and fp16 run with --backend torch only (ONNX Runtime scores in fp32)")
     return lambda path, device: OnnxSyncNet(onnx_file(SPEC, onnx_path, path, cache_dir), device)

@@ -2,6 +2,10 @@
 
 The layer list is kept index for index so that `syncnet_v2.model` loads by key: the Sequential indices
 (`netcnnaud.0`, `.4`, `.8`, ...) count the ReLU and pooling layers too.
+
+Below float32 (`prepare_syncnet`, the scripts' --precision), the lip stream's convolutions run in bf16 or
+fp16 (channels-last on a CPU); the audio stream (MFCC in) and both fully connected heads keep float32, so
+the embeddings and the distances between them are float32.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from common.devices import in_dtype_of
 from common.errors import UserError
 from common.weights import safe_load
 
@@ -73,10 +78,10 @@ class S(nn.Module):
         return self.netfcaud(self.netcnnaud(x).flatten(1))
 
     def forward_lip(self, x: torch.Tensor) -> torch.Tensor:
-        return self.netfclip(self.netcnnlip(x).flatten(1))
+        return self.netfclip(in_dtype_of(self.forward_lipfeat(x), self.netfclip[0]))
 
     def forward_lipfeat(self, x: torch.Tensor) -> torch.Tensor:
-        return self.netcnnlip(x).flatten(1)
+        return self.netcnnlip(in_dtype_of(x, self.netcnnlip[0])).flatten(1)
 
 
 def copy_parameters(model: nn.Module, loaded: Mapping[str, torch.Tensor], path: str = "<state dict>") -> None:
@@ -97,8 +102,8 @@ def copy_parameters(model: nn.Module, loaded: Mapping[str, torch.Tensor], path: 
             own[name].copy_(value)
 
 
-def load_syncnet(path: str | os.PathLike, device: str | torch.device = "cpu") -> S:
-    """Load `syncnet_v2.model` (a raw state dict) into `S`, in eval mode on `device`."""
+def load_syncnet(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> S:
+    """Load `syncnet_v2.model` (a raw state dict) into `S`, in eval mode on `device` (`prepare_syncnet`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: SyncNet model not found; {GET_MODEL}")
@@ -107,4 +112,19 @@ def load_syncnet(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise UserError(f"{path}: expected a raw state dict, found {type(loaded).__name__}; {GET_MODEL}")
     model = S()
     copy_parameters(model, loaded, path)
-    return model.to(device).eval()
+    return prepare_syncnet(model, torch.device(device), dtype)
+
+
+def prepare_syncnet(model: S, device: torch.device, dtype: torch.dtype = torch.float32) -> S:
+    """`model` for scoring on `device`: in float32 as today (the goldens' numbers), or with its lip stream's
+    convolutions in `dtype` (channels-last 3-D on a CPU, oneDNN's fast layout) and the rest in float32.
+
+    The lip stream's convolutions are 86 % of SyncNet's multiply-adds (five 224x224 frames a window); the
+    audio stream (13x20 MFCCs, the other 14 %) and the fully connected heads stay float32, so the MFCCs enter
+    unrounded and the embeddings, whose distances are the scores, come out of float32 layers."""
+    model = model.to(device).eval()
+    if dtype == torch.float32:
+        return model
+    layout = torch.channels_last_3d if device.type == "cpu" else torch.preserve_format
+    model.netcnnlip.to(dtype=dtype, memory_format=layout)
+    return model.requires_grad_(False)

@@ -141,13 +141,16 @@ def scenes_from_cuts(cuts: Sequence[int], n_frames: int) -> list[tuple[int, int]
 # ---------------------------------------------------------------- faces
 
 
-def face_alignment_detector(device: str | None = None, path_to_detector: str | None = None) -> Detector:
+def face_alignment_detector(
+    device: str | None = None, path_to_detector: str | None = None, dtype: torch.dtype = torch.float32
+) -> Detector:
     """Our S3FD behind the `Detector` interface (best face per frame)."""
     if path_to_detector is not None:
         check_detector_file(path_to_detector)
     fa = face_detection.FaceAlignment(
-        face_detection.LandmarksType._2D, flip_input=False, device=device, path_to_detector=path_to_detector
-    )
+        face_detection.LandmarksType._2D, flip_input=False, device=device, path_to_detector=path_to_detector,
+        dtype=dtype,
+    )  # fmt: skip
 
     def detect(frames: np.ndarray) -> list[Sequence[Box]]:
         return [[] if box is None else [box] for box in fa.get_detections_for_batch(frames)]
@@ -164,9 +167,11 @@ def check_detector_file(path: str) -> None:
         )
 
 
-def sfd_face_detector(weights: Mapping, device: str | torch.device = "cpu", name: str = "sfd_face.pth") -> Detector:
+def sfd_face_detector(
+    weights: Mapping, device: str | torch.device = "cpu", name: str = "sfd_face.pth", dtype: torch.dtype = torch.float32
+) -> Detector:
     """syncnet_python's S3FD behind the `Detector` interface: every face scoring above 0.9."""
-    net = sfd_face.build_net(weights, device, name)
+    net = sfd_face.build_net(weights, device, name, dtype)
 
     def detect(frames: np.ndarray) -> list[Sequence[Box]]:
         rgb = torch.from_numpy(np.ascontiguousarray(frames[..., ::-1])).to(device)
@@ -175,16 +180,21 @@ def sfd_face_detector(weights: Mapping, device: str | torch.device = "cpu", name
     return detect
 
 
-def load_detector(path: str | None = None, device: str | None = None) -> tuple[Detector, str]:
+def load_detector(
+    path: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Detector, str]:
     """The detector of `--facedet_model` and a line saying which it is: syncnet_python's S3FD for its
-    `sfd_face.pth` (told by its keys), our S3FD for Wav2Lip's `s3fd.pth` or when no file is given."""
+    `sfd_face.pth` (told by its keys), our S3FD for Wav2Lip's `s3fd.pth` or when no file is given; its
+    trunk in `dtype` (the run's --precision)."""
     device = device or "cpu"
     if path is None:
-        return face_alignment_detector(device), "our S3FD (face_detection, Wav2Lip's s3fd.pth), best face per frame"
+        detector = face_alignment_detector(device, dtype=dtype)
+        return detector, "our S3FD (face_detection, Wav2Lip's s3fd.pth), best face per frame"
     weights = sfd_face.read_weights(path)
     if sfd_face.is_sfd_face(weights):
-        return sfd_face_detector(weights, device, path), f"syncnet_python's S3FD ({path}), every face above 0.9"
-    return face_alignment_detector(device, path), f"our S3FD (face_detection, {path}), best face per frame"
+        detector = sfd_face_detector(weights, device, path, dtype)
+        return detector, f"syncnet_python's S3FD ({path}), every face above 0.9"
+    return face_alignment_detector(device, path, dtype), f"our S3FD (face_detection, {path}), best face per frame"
 
 
 def detect_faces(frames: np.ndarray, detector: Detector, scale: float, start: int) -> list[list[Face]]:

@@ -97,6 +97,8 @@ class FaceAlignment:
     boxes back (faster on large frames); None keeps the original's full-resolution detection.
     `network`: S3FD's forward pass to use instead of loading `path_to_detector` (e.g. an ONNX Runtime
     session, `onnx_backend.OnnxNet`): preprocessing, decoding and NMS stay the same code.
+    `dtype`: the network's precision (a run's `--precision`): bf16 or fp16 convolutions, with the L2
+    normalisations, the heads and everything after them in float32 (`net_s3fd.prepare_s3fd`).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class FaceAlignment:
         path_to_detector: str | Path | None = None,
         max_side: int | None = None,
         network: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -119,7 +122,7 @@ class FaceAlignment:
         if max_side is not None and max_side < 1:
             raise UserError(f"face detection: max_side must be a positive number of pixels, got {max_side}")
         self.max_side = max_side
-        extra = {"network": network} if network is not None else {}
+        extra = {"network": network} if network is not None else {"dtype": dtype}
         self.face_detector = DETECTORS[face_detector](
             self.device, path_to_detector=path_to_detector, verbose=verbose, **extra
         )

@@ -207,10 +207,11 @@ def detection_batch_size(opts: Options, source: FrameSource) -> int:
     return min(opts.face_det_batch_size, opts.frames_within_budget(int(np.prod(source.shape))))
 
 
-def cache_path(cache_dir: str | Path, opts: Options, source: FrameSource, weights: Path) -> Path:
+def cache_path(cache_dir: str | Path, opts: Options, source: FrameSource, weights: Path, precision: str) -> Path:
     """Cache file (in `cache_dir`/boxes) for this video's content and every setting the raw detections
-    depend on."""
+    depend on, the detector's precision included (bf16 moves a box by a fraction of a pixel)."""
     key = {
+        "precision": precision,
         "version": CACHE_VERSION,
         "video": source.identity(),
         "resize_factor": opts.resize_factor, "rotate": opts.rotate, "crop": source.crop,
@@ -235,15 +236,17 @@ class FaceBoxes:
     """The detect + smooth stage for one detector, loaded on first use (a run with `--box` never needs it).
 
     `detector_factory(max_side)` builds any object with face_detection's `get_detections_for_batch`;
-    `weights` (the detector's file) is part of the cache key; `cache_dir` (optional) keeps the raw
-    detections of each video. Keeps one batch limit for the detector's life (halved on out-of-memory).
+    `weights` (the detector's file) and `precision` (its network's, "fp32", "bf16" or "fp16") are part of
+    the cache key; `cache_dir` (optional) keeps the raw detections of each video. Keeps one batch limit for
+    the detector's life (halved on out-of-memory).
     """
 
     def __init__(
         self, detector_factory: Callable[[int | None], object], weights: Path, cache_dir: str | Path | None = None,
-        quiet: bool = False,
+        quiet: bool = False, precision: str = "fp32",
     ) -> None:  # fmt: skip
         self.factory, self.weights, self.cache_dir = detector_factory, weights, cache_dir
+        self.precision = precision
         self.detectors: dict[int | None, object] = {}
         self.limit = BatchLimit(1 << 30, "face detection", quiet)
 
@@ -267,7 +270,7 @@ class FaceBoxes:
         self, source: FrameSource, opts: Options, n_needed: int, report: Report | None = None
     ) -> list[Box | None]:
         """Raw detections for (at least) the first `n_needed` frames, from the cache when it has them."""
-        cache = cache_path(self.cache_dir, opts, source, self.weights) if self.cache_dir else None
+        cache = cache_path(self.cache_dir, opts, source, self.weights, self.precision) if self.cache_dir else None
         if cache is not None and (boxes := read_cache(cache)) is not None:
             if not opts.quiet:
                 print(f"face boxes from the cache: {cache}", file=sys.stderr)

@@ -32,6 +32,7 @@ SILENCE_DB = -50.0  # RMS of a frame's 200 ms window, dB full scale: below it th
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 BACKEND_CHOICES = ("torch", "onnxruntime")  # what runs the networks (README, "ONNX")
 REGION_FIELDS = ("pads", "crop", "box")  # four integers: top, bottom, left, right
+PRECISION_FLAGS = ("precision", "fp16", "force_precision")  # ModelOptions' flags a script running any network takes
 
 
 def check_choices(settings: object, skip: tuple[str, ...] = ()) -> None:

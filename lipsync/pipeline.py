@@ -141,7 +141,7 @@ class LipSync:
         )  # fmt: skip
         factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(model, quiet)
         detector_file = model.detector_onnx_path or detector_weights(model.detector_path)
-        self.face_boxes = FaceBoxes(factory, Path(detector_file), model.cache_dir, quiet)
+        self.face_boxes = FaceBoxes(factory, Path(detector_file), model.cache_dir, quiet, PRECISION_NAMES[self.dtype])
 
     def _forward(self, model: ModelOptions, quiet: bool) -> Wav2LipTorch:
         """Wav2Lip's forward pass for the generate stage, in PyTorch or ONNX Runtime."""
@@ -154,8 +154,8 @@ class LipSync:
         return Wav2LipTorch(model.checkpoint_path, self.device, self.dtype, model.cache_dir)
 
     def _s3fd_factory(self, model: ModelOptions, quiet: bool) -> Callable[[int | None], object]:
-        """S3FD on first use; with the ONNX backend, its forward pass in ONNX Runtime (one session for every
-        `max_side`)."""
+        """S3FD on first use, in the run's dtype (its L2 normalisations, heads, decoding and NMS in float32);
+        with the ONNX backend, its forward pass in ONNX Runtime (one session for every `max_side`)."""
 
         @functools.cache
         def network() -> object:
@@ -170,7 +170,7 @@ class LipSync:
             return face_detection.FaceAlignment(
                 face_detection.LandmarksType._2D, flip_input=False, device=self.device,
                 path_to_detector=model.detector_path, max_side=max_side,
-                network=network() if model.backend == "onnxruntime" else None,
+                network=network() if model.backend == "onnxruntime" else None, dtype=self.dtype,
             )  # fmt: skip
 
         return build

@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     videos = lse.list_videos(args.data_root)
     if args.out:
         lse.check_results_path(args.out)
-    load = syncnet_loader(args.backend, args.onnx_path, args.cache_dir)
-    model = load(args.initial_model, select_device(args.device))
+    device = select_device(args.device)
+    load = syncnet_loader(args.backend, args.onnx_path, args.cache_dir, lse.scoring_dtype(args, device))
+    model = load(args.initial_model, device)
     rows = score_folder(model, videos, args.vshift, args.batch_size, args.lossless, args.out)
     lse.report(rows, args.out)
 

@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         lse.check_results_path(args.out)
     device = select_device(args.device)
-    detector, detector_name = tracking.load_detector(args.facedet_model, str(device))
+    dtype = lse.scoring_dtype(args, device)  # SyncNet's and the face detector's
+    load = syncnet_loader(args.backend, args.onnx_path, args.cache_dir, dtype)
+    detector, detector_name = tracking.load_detector(args.facedet_model, str(device), dtype)
     print(f"face detector: {detector_name}")
-    model = syncnet_loader(args.backend, args.onnx_path, args.cache_dir)(args.initial_model, device)
+    model = load(args.initial_model, device)
     opts = tracking.PipelineOptions(
         args.facedet_scale, args.crop_scale, args.min_track, args.num_failed_det, args.min_face_size
     )

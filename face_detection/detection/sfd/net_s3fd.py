@@ -6,6 +6,10 @@ larger than its stride alone gives; the released weights were trained that way.
 
 Two keyword options build syncnet_python's S3FD instead (see `sfd_face.py`): fc6 dilated (padding 6,
 dilation 6, as in SSD) and a ceil-mode pool after conv3_3. The defaults are Wav2Lip's network, unchanged.
+
+Below float32 (`prepare_s3fd`), the trunk runs in bf16 or fp16 while the L2 normalisations and the twelve
+heads keep float32 weights: each layer computes in its own weights' dtype (`in_dtype_of`), so the outputs,
+and the softmax, decoding and NMS after them, are float32 whatever the trunk's precision.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.devices import in_dtype_of, prepare_network
 
 # VGG-16 blocks conv{b}_{k}: output channels of each conv; a 2x2 max-pool follows every block.
 VGG_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -32,13 +38,18 @@ L2_EPS = 1e-10
 
 
 class L2Norm(nn.Module):
-    """Channel-wise L2 normalisation with a learned scale; balances the shallow maps' magnitudes."""
+    """Channel-wise L2 normalisation with a learned scale; balances the shallow maps' magnitudes.
+
+    Computes in its weight's dtype: float32 under a bf16 or fp16 trunk (`prepare_s3fd`), where a sum of
+    512 squares would lose its low bits (bf16) or overflow (fp16).
+    """
 
     def __init__(self, n_channels: int, scale: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.full((n_channels,), scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = in_dtype_of(x, self)
         norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + L2_EPS
         return x / norm * self.weight.view(1, -1, 1, 1)
 
@@ -92,8 +103,28 @@ class s3fd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
-        for (name, _, _), f in zip(HEADS, self._trunk(x), strict=True):
-            outs += [getattr(self, f"{name}_mbox_conf")(f), getattr(self, f"{name}_mbox_loc")(f)]
+        for (name, _, _), f in zip(HEADS, self._trunk(in_dtype_of(x, self.conv1_1)), strict=True):
+            heads = getattr(self, f"{name}_mbox_conf"), getattr(self, f"{name}_mbox_loc")
+            outs += [head(in_dtype_of(f, head)) for head in heads]
         cls1 = outs[0]
         outs[0] = torch.cat([cls1[:, :3].amax(dim=1, keepdim=True), cls1[:, 3:]], dim=1)
         return outs
+
+
+def float32_parts(net: s3fd) -> list[nn.Module]:
+    """The layers that keep float32 weights below float32: the L2 normalisations and every head (scores
+    and box offsets: 0.6 % of the multiply-adds, and what the softmax's ties and the boxes' pixels read)."""
+    heads = [f"{name}_mbox_{kind}" for name, _, _ in HEADS for kind in ("conf", "loc")]
+    return [getattr(net, name) for name in [name for name, _, _ in L2_NORMS] + heads]
+
+
+def prepare_s3fd(net: s3fd, device: str | torch.device, dtype: torch.dtype = torch.float32) -> s3fd:
+    """`net` for inference on `device` in `dtype`. float32 is today's network untouched (NCHW, the goldens'
+    numbers); below it the trunk is cast and laid out channels-last (`prepare_network`) and
+    `float32_parts` stay float32."""
+    if dtype == torch.float32:
+        return net.to(device).eval().requires_grad_(False)
+    net = prepare_network(net, torch.device(device), dtype)
+    for layer in float32_parts(net):
+        layer.float()
+    return net

@@ -15,7 +15,7 @@ from common.weights import load_model, missing_file_message, skeleton
 from ..core import FaceDetector
 from .bbox import best_index, nms
 from .detect import batch_detect
-from .net_s3fd import s3fd
+from .net_s3fd import prepare_s3fd, s3fd
 
 WEIGHTS_FLAG = "--detector_path (path_to_detector= from Python)"  # how a user points at another weights file
 NMS_OVERLAP = 0.3  # boxes overlapping a better one by more than this are dropped
@@ -28,9 +28,9 @@ def default_weights_path() -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_net(path: str, device: str, stamp: tuple[int, int]) -> s3fd:
-    """One network per (file, device, file version) per process; `stamp` reloads a replaced file."""
-    return load_model(skeleton(s3fd), path, "s3fd", device, flag=WEIGHTS_FLAG).requires_grad_(False)
+def _cached_net(path: str, device: str, stamp: tuple[int, int], dtype: torch.dtype) -> s3fd:
+    """One network per (file, device, file version, dtype) per process; `stamp` reloads a replaced file."""
+    return prepare_s3fd(load_model(skeleton(s3fd), path, "s3fd", device, flag=WEIGHTS_FLAG), device, dtype)
 
 
 def existing_weights(path: str | Path | None = None) -> Path:
@@ -41,14 +41,17 @@ def existing_weights(path: str | Path | None = None) -> Path:
     return path
 
 
-def load_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> s3fd:
-    """The S3FD network with the weights at `path` (default: `default_weights_path()`), built once.
+def load_net(
+    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> s3fd:
+    """The S3FD network with the weights at `path` (default: `default_weights_path()`), built once per
+    dtype (`net_s3fd.prepare_s3fd`: below float32, the trunk only).
 
     A missing, damaged or wrong-model file is a one-line UserError naming it (see checkpoints.py).
     """
     path = existing_weights(path)
     stat = path.stat()
-    return _cached_net(str(path), str(torch.device(device)), (stat.st_mtime_ns, stat.st_size))
+    return _cached_net(str(path), str(torch.device(device)), (stat.st_mtime_ns, stat.st_size), dtype)
 
 
 class SFDDetector(FaceDetector):
@@ -56,6 +59,7 @@ class SFDDetector(FaceDetector):
 
     `network` replaces the torch network loaded from `path_to_detector` with any callable of the same
     forward pass (float [B, 3, H, W] in, the 12 head outputs out), such as an ONNX Runtime session.
+    `dtype`: the loaded network's trunk precision (the heads' outputs are float32 in every dtype).
     """
 
     def __init__(
@@ -64,9 +68,10 @@ class SFDDetector(FaceDetector):
         path_to_detector: str | Path | None = None,
         verbose: bool = False,
         network: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         self.device = torch.device(device)
-        self.face_detector = network if network is not None else load_net(path_to_detector, self.device)
+        self.face_detector = network if network is not None else load_net(path_to_detector, self.device, dtype)
 
     def detect_from_batch(self, frames_rgb: torch.Tensor, max_side: int | None = None) -> list[np.ndarray]:
         out = []

@@ -34,7 +34,7 @@ from common.weights import safe_load
 
 from .bbox import decode, nms
 from .detect import ANCHOR_PER_STRIDE, FIRST_STRIDE
-from .net_s3fd import HEADS, L2_NORMS, VGG_BLOCKS, s3fd
+from .net_s3fd import HEADS, L2_NORMS, VGG_BLOCKS, prepare_s3fd, s3fd
 
 URL = "https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/sfd_face.pth"  # syncnet_python's download_model.sh
 PIXEL_MEAN_RGB = (123.0, 117.0, 104.0)  # the Caffe BGR means (104, 117, 123), put in RGB order
@@ -100,20 +100,22 @@ def read_weights(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
 
 
 def build_net(
-    state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu", name: str = "sfd_face.pth"
-) -> s3fd:
-    """Our s3fd with syncnet_python's trunk options and its weights, in eval mode on `device`."""
+    state_dict: Mapping[str, torch.Tensor], device: str | torch.device = "cpu", name: str = "sfd_face.pth",
+    dtype: torch.dtype = torch.float32,
+) -> s3fd:  # fmt: skip
+    """Our s3fd with syncnet_python's trunk options and its weights, in eval mode on `device`, its trunk
+    in `dtype` (`net_s3fd.prepare_s3fd`)."""
     net = s3fd(**NET_OPTIONS)
     try:
         net.load_state_dict(from_syncnet_python(state_dict))
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"{name}: not syncnet_python's S3FD weights ({first}); get sfd_face.pth from {URL}") from None
-    return net.to(device).eval().requires_grad_(False)
+    return prepare_s3fd(net, device, dtype)
 
 
-def load_net(path: str | os.PathLike, device: str | torch.device = "cpu") -> s3fd:
-    return build_net(read_weights(path), device, os.fspath(path))
+def load_net(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> s3fd:
+    return build_net(read_weights(path), device, os.fspath(path), dtype)
 
 
 def priors(input_hw: tuple[int, int], maps_hw: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
