@@ -1,11 +1,13 @@
-"""The machine's fp32 convolution limit, measured, and what it allows the generator and S3FD.
+"""The machine's convolution limit in fp32 and in bf16, measured, and what it allows the generator and S3FD.
 
     python -m bench.conv_limit
 
 The limit is the best rate one core reaches on large 3x3 convolutions of the generator's own widest
 shapes (channels-last, as the pipeline runs them; oneDNN through torch), not a datasheet figure: a virtual
 machine's clock and vector units are what they are. A network's frame then costs at least its FLOPs over
-that rate, whatever the framework; `fraction` puts a measured rate next to it.
+that rate, whatever the framework; `fraction` puts a measured rate next to it. Each precision has its own
+limit (bf16 where the CPU computes it: AVX512-BF16 doubles fp32's rate, AMX more), and a network run in a
+precision is measured against that precision's limit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.devices import cpu_computes_bf16
 from lipsync.generation import generator_inputs
 from models import Wav2Lip
 from models.conv import fold_batchnorm
@@ -30,30 +33,33 @@ from models.conv import fold_batchnorm
 # (channels in and out, side, batch) of 3x3 stride-1 convolutions: the generator's 24x24, 12x12 and 48x48
 # stages at the pipeline's CPU batch, where the work per call is large enough to keep the vector units fed
 LIMIT_SHAPES = ((256, 24, 16), (512, 12, 16), (128, 48, 16))
-REPEATS = 5  # timed calls per shape; the best counts (the others met other processes)
+REPEATS = 5  # timed calls per shape; the best counts (the others met cache misses, page faults, migrations)
 
 
-def conv_rate(channels: int, side: int, batch: int, repeats: int = REPEATS) -> float:
-    """Best GFLOP/s of one 3x3 convolution on the calling thread's torch threads."""
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
+def conv_rate(
+    channels: int, side: int, batch: int, repeats: int = REPEATS, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best GFLOP/s of one 3x3 convolution in `dtype` on the calling thread's torch threads, per CPU second
+    of this process: other processes on a shared machine take time slices, not CPU time, from it."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, side, side).to(dtype=dtype, memory_format=torch.channels_last)
     flops = 2 * channels * channels * 9 * side * side * batch
     best = float("inf")
     with torch.inference_mode():
         conv(x)  # oneDNN picks and prepares its kernel on the first call
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = time.process_time()
             conv(x)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
     return flops / best / 1e9
 
 
-def conv_limit() -> float:
-    """GFLOP/s one core can reach on fp32 convolutions: the best of LIMIT_SHAPES on one thread."""
+def conv_limit(dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s one core can reach on convolutions in `dtype`: the best of LIMIT_SHAPES on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return max(conv_rate(*shape) for shape in LIMIT_SHAPES)
+        return max(conv_rate(*shape, dtype=dtype) for shape in LIMIT_SHAPES)
     finally:
         torch.set_num_threads(threads)
 
@@ -78,11 +84,18 @@ def fraction(gflop: float, cpu_seconds: float, limit: float) -> float:
     return gflop / cpu_seconds / limit
 
 
+def limit_dtypes() -> list[torch.dtype]:
+    """The precisions whose limit this CPU has: fp32, and bf16 where its cores compute it."""
+    return [torch.float32, torch.bfloat16] if cpu_computes_bf16() else [torch.float32]
+
+
 def main() -> None:
-    limit = conv_limit()
-    print(f"fp32 convolution limit: {limit:.0f} GFLOP/s per core (best of {LIMIT_SHAPES}, 1 thread)")
     gflop = generator_gflop()
-    print(f"generator: {gflop:.2f} GFLOP/frame, at least {1000 * gflop / limit:.0f} CPU ms/frame at the limit")
+    print(f"generator: {gflop:.2f} GFLOP/frame (shapes {LIMIT_SHAPES}: channels, side, batch; 1 thread)")
+    for dtype in limit_dtypes():
+        limit = conv_limit(dtype)
+        print(f"{str(dtype).removeprefix('torch.'):9s} convolution limit: {limit:4.0f} GFLOP/s per core; the generator "
+              f"costs at least {1000 * gflop / limit:.0f} CPU ms/frame at it")  # fmt: skip
 
 
 if __name__ == "__main__":
