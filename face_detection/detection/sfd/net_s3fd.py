@@ -121,10 +121,12 @@ def float32_parts(net: s3fd) -> list[nn.Module]:
 def prepare_s3fd(net: s3fd, device: str | torch.device, dtype: torch.dtype = torch.float32) -> s3fd:
     """`net` for inference on `device` in `dtype`. float32 is today's network untouched (NCHW, the goldens'
     numbers); below it the trunk is cast and laid out channels-last (`prepare_network`) and
-    `float32_parts` stay float32."""
+    `float32_parts` keep their float32 weights exactly (a round trip through bf16 would round the learned
+    L2 scales and the heads to 8 bits)."""
     if dtype == torch.float32:
         return net.to(device).eval().requires_grad_(False)
+    exact = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in float32_parts(net)]
     net = prepare_network(net, torch.device(device), dtype)
-    for layer in float32_parts(net):
-        layer.float()
+    for layer, weights in zip(float32_parts(net), exact, strict=True):
+        layer.float().load_state_dict(weights)
     return net
