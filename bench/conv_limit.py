@@ -39,29 +39,30 @@ REPEATS = 5  # timed calls per shape; the best counts (the others met cache miss
 def conv_rate(
     channels: int, side: int, batch: int, repeats: int = REPEATS, dtype: torch.dtype = torch.float32
 ) -> float:
-    """Best GFLOP/s of one 3x3 convolution in `dtype` on the calling thread's torch threads, per CPU second
-    of this process: other processes on a shared machine take time slices, not CPU time, from it."""
+    """Best GFLOP/s of one 3x3 convolution in `dtype` on one torch thread, the calling one, per CPU second of
+    that thread: other processes on a shared machine take time slices from it, not CPU time, and the
+    process's other threads (a spinning thread pool) are not counted."""
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
     x = torch.randn(batch, channels, side, side).to(dtype=dtype, memory_format=torch.channels_last)
     flops = 2 * channels * channels * 9 * side * side * batch
     best = float("inf")
-    with torch.inference_mode():
-        conv(x)  # oneDNN picks and prepares its kernel on the first call
-        for _ in range(repeats):
-            start = time.process_time()
-            conv(x)
-            best = min(best, time.process_time() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            conv(x)  # oneDNN picks and prepares its kernel on the first call
+            for _ in range(repeats):
+                start = time.thread_time()
+                conv(x)
+                best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     return flops / best / 1e9
 
 
 def conv_limit(dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s one core can reach on convolutions in `dtype`: the best of LIMIT_SHAPES on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return max(conv_rate(*shape, dtype=dtype) for shape in LIMIT_SHAPES)
-    finally:
-        torch.set_num_threads(threads)
+    return max(conv_rate(*shape, dtype=dtype) for shape in LIMIT_SHAPES)
 
 
 def gflop_per_item(model: torch.nn.Module, *inputs: torch.Tensor) -> float:

@@ -4,7 +4,8 @@
     python -m bench.inference_speed --precision fp32 bf16 --face clip.mp4 --audio speech.wav --box 100 400 120 380
     python -m bench.inference_speed --other_checkout ../old  # also another checkout's inference.py, same rounds
 
-- End to end (`--box`, so no detection), two ways, each round alternating ours and the original's:
+- End to end (`--box`, so no detection; with `--detect`, S3FD on every frame, ours without the detection
+  cache), two ways, each round alternating ours and the original's:
   - the whole command, what a user waits for: `python inference.py --precision P ...` for each precision
     against the original's way (bench/original_pipeline.py: its steps re-created, all frames in RAM, batch
     128 NCHW, DIVX AVI, then x264 medium + AAC, in a fresh process with glibc's default malloc), each timed
@@ -35,6 +36,7 @@ import argparse
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -104,21 +106,29 @@ def timed_command(cmd: list[str]) -> tuple[Run, str]:
     return Run(wall, cpu, max(0.0, others) / wall), out.stdout
 
 
-def original_way(face: Path, speech: Path, box: list[int], checkpoint: Path) -> tuple[Run, int, float]:
+def box_flags(box: list[int] | None, detector: Path) -> list[str]:
+    """`--box` when given, else the S3FD weights to detect with."""
+    return ["--box", *map(str, box)] if box is not None else ["--detector", str(detector)]
+
+
+def original_way(
+    face: Path, speech: Path, box: list[int] | None, checkpoint: Path, detector: Path
+) -> tuple[Run, int, float]:
     """bench/original_pipeline.py: (the whole command's run, its frames, frames/s of its pipeline alone)."""
     run, out = timed_command([sys.executable, "-m", "bench.original_pipeline", "--face", str(face), "--audio",
-                              str(speech), "--checkpoint", str(checkpoint), "--box", *map(str, box)])  # fmt: skip
+                              str(speech), "--checkpoint", str(checkpoint), *box_flags(box, detector)])  # fmt: skip
     lines = out.strip().splitlines()
     return run, int(lines[-2].split()[0]), float(lines[-1])
 
 
 def our_command(
-    face: Path, speech: Path, box: list[int], checkpoint: Path, out: Path, extra: list[str], script: Path = INFERENCE
-) -> Run:
-    """`python inference.py ... --box`, timed."""
+    face: Path, speech: Path, box: list[int] | None, checkpoint: Path, out: Path, extra: list[str],
+    script: Path = INFERENCE,
+) -> Run:  # fmt: skip
+    """`python inference.py ... --box` (or, without a box, with detection), timed."""
+    where = ["--box", *map(str, box)] if box is not None else []
     run, _ = timed_command([sys.executable, str(script), "--checkpoint_path", str(checkpoint), "--face",
-                            str(face), "--audio", str(speech), "--box", *map(str, box), "--outfile", str(out),
-                            "--quiet", *extra])  # fmt: skip
+                            str(face), "--audio", str(speech), *where, "--outfile", str(out), "--quiet", *extra])  # fmt: skip
     return run
 
 
@@ -211,6 +221,8 @@ def main() -> None:
     p.add_argument("--skip_pipeline", action="store_true",
                    help="time the whole commands only, not the pipeline and the generator alone in this process")  # fmt: skip
     p.add_argument("--skip_detection", action="store_true")
+    p.add_argument("--detect", action="store_true",
+                   help="the whole commands without --box: S3FD on every frame (ours: no detection cache)")  # fmt: skip
     p.add_argument("--other_checkout", help="another checkout of this project: its inference.py in the same rounds")
     p.add_argument("--backends", nargs="+", default=["torch"], choices=BACKEND_CHOICES,
                    help="our whole command once per backend in each round (onnxruntime: exported before; fp32 only)")  # fmt: skip
@@ -245,8 +257,15 @@ def main() -> None:
         compare = sync.device.type == "cpu" and not args.skip_original
         variants = {f"{b} {p}" if len(args.backends) > 1 else p: ["--backend", b, "--precision", p, "--cache_dir",
                     str(tmp / "cache")] for b in args.backends for p in args.precision if b == "torch" or p == "fp32"}  # fmt: skip
+        command_box = None if args.detect else box
+        extra += ["--detector_path", str(detector_weights)] if args.detect else []
+
+        def ours_once(flags: list[str], out: Path = tmp / "cli.mp4", script: Path = INFERENCE) -> Run:
+            shutil.rmtree(tmp / "cache" / "boxes", ignore_errors=True)  # detection every time, as the original's
+            return our_command(face, speech, command_box, checkpoint, out, extra + flags, script)
+
         for flags in variants.values():  # fill --cache_dir (prepared weights, ONNX exports) before the rounds
-            our_command(face, speech, box, checkpoint, tmp / "cli.mp4", extra + flags)
+            ours_once(flags)
         commands: dict[str, list[Run]] = {"the original's way": []} | {k: [] for k in variants}
         other = Path(args.other_checkout).resolve() / "inference.py" if args.other_checkout else None
         if other is not None:
@@ -265,11 +284,10 @@ def main() -> None:
             if not compare:
                 continue
             for label, flags in variants.items():
-                commands[label].append(our_command(face, speech, box, checkpoint, tmp / "cli.mp4", extra + flags))
+                commands[label].append(ours_once(flags))
             if other is not None:
-                commands[args.other_checkout].append(our_command(face, speech, box, checkpoint, tmp / "o.mp4",
-                                                                 extra, other))  # fmt: skip
-            whole, n_frames, pipeline = original_way(face, speech, box, checkpoint)
+                commands[args.other_checkout].append(ours_once([], tmp / "o.mp4", other))
+            whole, n_frames, pipeline = original_way(face, speech, command_box, checkpoint, detector_weights)
             commands["the original's way"].append(whole)
             theirs.append(pipeline)
 

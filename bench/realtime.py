@@ -3,6 +3,7 @@ with the generator alone beside them as the limit.
 
     python -m bench.realtime                       # a synthetic 512x512 avatar, --box, 20 s of speech each
     python -m bench.realtime --seconds 60 --sessions 1 4
+    python -m bench.realtime --precision bf16       # the generator in bf16 (on a CPU that computes it)
 
 Each session is a `live.LiveSession` fed 20 ms chunks at the pace they are spoken, all sharing one
 `live.Engine` (deterministic weights: the speed is real, the faces are not); a display thread takes each
@@ -33,8 +34,10 @@ import torch
 
 import audio
 import lipsync
-from bench.inference_speed import generator_fps, synthetic_clip
+from bench.inference_speed import generator_fps, host_busy_seconds, synthetic_clip
+from common.devices import PRECISIONS
 from lipsync.options import ModelOptions
+from live.figures import precision
 from live.options import LiveOptions
 from live.sessions import LiveSession, SharedGenerator, single_threaded_blas
 from live.stream import LOOKAHEAD_S, prepare_avatar
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512, help="the avatar's width and height")
     p.add_argument("--budget_ms", type=float, default=LiveOptions().latency_budget_ms)
     p.add_argument("--batch", type=int, default=LiveOptions().live_batch, help="frames per generator call (live)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="the generator's (ModelOptions.precision)")
     args = p.parse_args()
     single_threaded_blas()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +111,8 @@ def main() -> None:
         face, speech = synthetic_clip(folder, 4.0, args.size, args.size)
         checkpoint = folder / "wav2lip_det.pth"
         torch.save({"state_dict": det_state_dict("Wav2Lip")}, checkpoint)
-        sync = lipsync.LipSync(ModelOptions(checkpoint_path=checkpoint, device="cpu"), quiet=True)
+        model = ModelOptions(checkpoint_path=checkpoint, device="cpu", precision=args.precision)
+        sync = lipsync.LipSync(model, quiet=True)
         quarter = args.size // 4
         avatar = prepare_avatar(sync, face, box=(quarter, 3 * quarter, quarter, 3 * quarter), quiet=True)
         wav = np.tile(audio.load_wav(speech, sync.hp.sample_rate), int(np.ceil(args.seconds / 4.0)))
@@ -115,15 +120,18 @@ def main() -> None:
         offline, _ = generator_fps(sync, 64, sync.generator.default_batch_size)
         alone, _ = generator_fps(sync, 32, args.batch)
         print(f"avatar {args.size}x{args.size}, --box, {args.seconds:g} s of speech per session, budget "
-              f"{args.budget_ms:g} ms, {torch.get_num_threads()} cores")  # fmt: skip
+              f"{args.budget_ms:g} ms, {torch.get_num_threads()} cores, generator in {precision(sync)}")  # fmt: skip
         print(f"generator alone: {alone:.1f} frames/s at batch {args.batch} (the limit); {offline:.1f} at the "
               f"offline batch {sync.generator.default_batch_size}")  # fmt: skip
-        print("sessions  first frame  latency p50   p95    max   fps (all)  vs alone  dropped  p95 5-10 s  last 5 s")
+        print("sessions  first frame  latency p50   p95    max   fps (all)  vs alone  dropped  p95 5-10 s  last 5 s"
+              "  host load (other processes)")  # fmt: skip
         for n in args.sessions:
+            host, own, start = host_busy_seconds(), time.process_time(), time.perf_counter()
             f = run_sessions(sync, avatar, wav, n, args.budget_ms, args.batch)
+            others = (host_busy_seconds() - host - (time.process_time() - own)) / (time.perf_counter() - start)
             print(f"{n:8d}  {f['first_ms']:8.0f} ms  {f['p50']:8.0f} ms {f['p95']:5.0f} {f['max']:6.0f}  "
                   f"{f['fps']:9.1f}  {f['fps'] / alone:8.2f}  {f['dropped']:6.0%}  {f['early_p95']:7.0f} ms "
-                  f"{f['late_p95']:6.0f} ms")  # fmt: skip
+                  f"{f['late_p95']:6.0f} ms  {max(0.0, others):.2f} cores")  # fmt: skip
 
 
 if __name__ == "__main__":
