@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import audio
+from common import video
 from common.errors import UserError
 from evaluation import lse
 from evaluation.onnx_syncnet import syncnet_loader
@@ -24,8 +25,10 @@ from evaluation.syncnet import S, prepare_syncnet
 from face_detection.detection.sfd import detect
 from face_detection.detection.sfd.net_s3fd import HEADS, L2_NORMS, prepare_s3fd, s3fd
 from face_detection.detection.sfd.sfd_detector import load_net, top_boxes
+from lipsync.face_boxes import cache_path
+from lipsync.frames import FrameSource
 from lipsync.generation import Wav2LipTorch
-from lipsync.options import ModelOptions
+from lipsync.options import ModelOptions, Options
 from lipsync.pipeline import LipSync
 from tests.media import face_frame, speech, write_video, write_wav
 from tools.detweights import det_state_dict, det_weights_like
@@ -121,6 +124,16 @@ def test_s3fd_l2_norm_holds_a_trained_networks_magnitudes_in_fp16():
     x = torch.full((1, 512, 4, 4), 40.0).to(torch.float16)  # 512 * 40² = 819200 > fp16's largest number
     out = net.conv4_3_norm(x)
     assert torch.isfinite(out).all() and torch.allclose(out, torch.full_like(out, 8.0 / 512**0.5), rtol=1e-5)
+
+
+def test_the_detection_cache_keeps_each_precisions_boxes_apart(wav2lip_checkpoint, s3fd_file, tmp_path):
+    """bf16 moves a box by a fraction of a pixel: a run in one precision never reads the other's boxes."""
+    opts = Options()
+    source = FrameSource(video.probe(write_video(tmp_path / "face.mp4", 2)), opts, 25.0)
+    keys = {p: cache_path(tmp_path, opts, source, s3fd_file, p) for p in ("fp32", "bf16")}
+    assert keys["fp32"] != keys["bf16"]
+    model = ModelOptions(checkpoint_path=str(wav2lip_checkpoint), device="cpu", precision="bf16", force_precision=True)
+    assert LipSync(model, quiet=True).face_boxes.precision == "bf16"
 
 
 def test_s3fd_in_fp32_is_the_network_untouched(s3fd_file):
