@@ -1,18 +1,20 @@
-"""Export Wav2Lip's networks to ONNX: the generator, S3FD, Wav2Lip-HQ's ESRGAN and face parser, and
-syncnet_python's SyncNet.
+"""Export Wav2Lip's networks to ONNX: the generator, S3FD, Wav2Lip-HQ's ESRGAN and face parser, the face
+restorers GFPGAN v1.4 and CodeFormer, and syncnet_python's SyncNet.
 
     python export_onnx.py --model wav2lip --checkpoint_path checkpoints/wav2lip_gan.pth
     python export_onnx.py --model s3fd --checkpoint_path face_detection/detection/sfd/s3fd.pth
     python export_onnx.py --model syncnet --checkpoint_path syncnet_v2.model
     python export_onnx.py --model esrgan --checkpoint_path checkpoints/esrgan_yunying.pth
     python export_onnx.py --model bisenet --checkpoint_path checkpoints/face_segmentation.pth
+    python export_onnx.py --model gfpgan --checkpoint_path checkpoints/GFPGANv1.4.pth
+    python export_onnx.py --model codeformer --checkpoint_path checkpoints/codeformer.pth
     # → checkpoints/wav2lip_gan.onnx, checkpoints/s3fd.onnx, ... (--out to choose another path)
 
 The batch axis is dynamic (S3FD's, ESRGAN's and the face parser's height and width too). Each
 export is checked with `onnx.checker` and against PyTorch on random inputs, then renamed into place: a
 failed run leaves no file. Run the files with
 `inference.py --backend onnxruntime --onnx_path ... --detector_onnx_path ... --sr_onnx_path ...
---segmentation_onnx_path ...` (README, "ONNX").
+--segmentation_onnx_path ... --enhancer_onnx_path ...` (README, "ONNX").
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ Sources = Sequence[np.ndarray] | None  # each face's source frame (uint8 BGR, no
 
 
 class Step(Protocol):
-    """One optional network over the generated faces (super-resolution, restoration)."""
+    """One optional network over the generated faces (super-resolution, restoration). A step may also declare
+    `work_bytes`: the bytes each face holds inside it while it runs, besides its output (`bytes_per_frame`)."""
 
     name: str
 
@@ -97,11 +98,14 @@ class Enhance:
 
     def bytes_per_frame(self, img_size: int) -> int:
         """Bytes a frame in flight holds besides its decoded frame: its float prediction, each step's face and
-        its parse (a ×4 face: 442 kB; a parse: 262 kB)."""
+        working tensors (`work_bytes`, where a step declares them) and its parse (a ×4 face: 442 kB; a
+        parse: 262 kB; a restorer's 512×512 tensors: 7.9 MB). A step holds its working tensors only for the
+        faces of the chunk it runs, so counting them for every frame in flight is an upper bound: it shrinks
+        the batches, which costs nothing next to a restorer's seconds per face."""
         total, size = img_size * img_size * 3 * 4, img_size
         for step in self.steps:
             size = step.out_size(size)
-            total += size * size * 3
+            total += size * size * 3 + getattr(step, "work_bytes", 0)
         return total + (PARSE_SIZE * PARSE_SIZE if self.parser is not None else 0)
 
     def paster(self, opts: Options, feather: np.ndarray | None) -> MaskedPaste | None:

@@ -47,6 +47,7 @@ LIFT = 0.2  # the window's centre above the box's, in box heights: (313 - 256) /
 FACE_SIZE = round(SIZE / CONTEXT)  # 277: the restorer's pixels across the box's longer side; the step's output
 SEAM_FRACTION = 10  # the restored face fades into the generated one over 1/10 of the box's shorter side
 SHARPEN_SIGMA = 1.0 / 96  # the unsharp mask's Gaussian sigma, per pixel of the generated face's side
+WINDOW_BYTES = SIZE * SIZE * 3 * (1 + 4 + 4 + 1)  # a face's 512×512 tensors: window, float32 in and out, restored
 CPU_CHUNK, GPU_CHUNK = 1, 8  # faces per restorer call: a face's activations take ~0.5 GB in fp32, ~0.2 in bf16
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 DEFAULT_FILES = {"gfpgan": "GFPGANv1.4.pth", "codeformer": "codeformer.pth"}  # in checkpoints/ (README)
@@ -146,6 +147,7 @@ class RestoreStep:
 
     def __init__(self, kind: str, restore: Restore | None, chunk_size: int, quiet: bool = False) -> None:
         self.kind, self.restore, self.chunk_size = kind, restore, chunk_size
+        self.work_bytes = 0 if restore is None else WINDOW_BYTES  # per face, for `--memory_budget`
         self.name = kind if kind == "sharpen" else f"restore ({kind})"
         self.limit = BatchLimit(1 << 30, f"the {kind} restorer", quiet)
 

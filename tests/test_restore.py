@@ -17,7 +17,8 @@ from common.errors import run_cli
 from face_detection import Box
 from lipsync import pipeline as lipsync
 from lipsync import restore
-from lipsync.options import ModelOptions
+from lipsync.generation import Generator, batches_in_flight, generator_workers
+from lipsync.options import ModelOptions, Options
 from lipsync.restorers import SIZE, restored_crops, restorer_inputs
 from tests.media import write_video, write_wav
 
@@ -225,11 +226,24 @@ def test_step_without_frames_restores_the_face_in_its_own_mirror():
     assert restore.RestoreStep("sharpen", None, 1).out_size(384) == 384
 
 
-def test_memory_budget_counts_the_restored_faces(monkeypatch, wav2lip_checkpoint):
+def test_memory_budget_counts_the_restored_faces_and_their_windows(monkeypatch, wav2lip_checkpoint):
+    """A frame in flight through a restorer is counted with its restored face and its 512×512 window (uint8
+    in, float32 to the restorer and back, uint8 out), so `--memory_budget` shrinks the batches to fit them."""
     monkeypatch.setattr(restore, "TorchRestorer", Brighten)
-    sync = lipsync.LipSync(ModelOptions(checkpoint_path=str(wav2lip_checkpoint), device="cpu", enhancer="gfpgan"),
-                           quiet=True)  # fmt: skip
-    assert sync.generator.extra_bytes == 96 * 96 * 3 * 4 + restore.FACE_SIZE**2 * 3
+
+    def generator(enhancer: str) -> Generator:
+        model = ModelOptions(checkpoint_path=str(wav2lip_checkpoint), device="cpu", enhancer=enhancer)
+        return lipsync.LipSync(model, quiet=True).generator
+
+    restorer, sharpen = generator("gfpgan"), generator("sharpen")
+    window = SIZE * SIZE * 3 * (1 + 4 + 4 + 1)
+    assert restorer.extra_bytes == 96 * 96 * 3 * 4 + restore.FACE_SIZE**2 * 3 + window
+    assert sharpen.extra_bytes == 96 * 96 * 3 * 4 + 96 * 96 * 3
+    opts, frame_bytes = Options(memory_budget=64), 768 * 576 * 3  # mt_sun.mp4's frames
+    cap = restorer.plan(100, opts, frame_bytes)[0]
+    in_flight = batches_in_flight(generator_workers(torch.device("cpu"))[0])
+    assert cap * (frame_bytes + window) * in_flight <= 64 << 20
+    assert cap < sharpen.plan(100, opts, frame_bytes)[0]
 
 
 def test_bad_settings_are_one_line(wav2lip_checkpoint, clip, tmp_path, capsys):
