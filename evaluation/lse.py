@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from common.atomic_files import atomic_path, check_writable, write_text_atomic
-from common.devices import select_dtype
+from common.devices import DTYPES, select_dtype
 from common.errors import UserError
 from evaluation import media
 from evaluation.syncnet import S
@@ -200,7 +200,8 @@ def scoring_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype
     (`common.devices.select_dtype`); says which ran, with the one-line note when it is not the one asked for."""
     model = ModelOptions(**{name: getattr(args, name) for name in PRECISION_FLAGS})
     dtype, note = select_dtype(model.precision, device, model.force_precision)
-    print(f"scoring on {device} in {str(dtype).removeprefix('torch.')}" + (f". Note: {note}." if note else ""))
+    name = next(name for name, known in DTYPES.items() if known == dtype)
+    print(f"scoring on {device} in {name}" + (f". Note: {note}." if note else ""))
     return dtype
 
 
