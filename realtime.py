@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     single_threaded_blas()
     sync = LipSync(ModelOptions(**from_namespace(ModelOptions, args)), hp=from_argument(args.hparams), quiet=args.quiet)
+    sync.ready()  # a bad checkpoint is reported before the avatar's face detection
     options = from_namespace(Options, args)
     # the server's avatar keeps its face while nobody speaks; file mode replays inference.py's frames, by default
     # every one generated as the original does (it is the comparison file mode exists for)

@@ -65,6 +65,7 @@ def lipsync_generator(model: ModelOptions, hp: HParams = hparams, **options) -> 
     from lipsync.pipeline import LipSync
 
     runner = LipSync(model, hp=hp)
+    runner.ready()  # a bad checkpoint stops the list here, not as a failure of every line
     return lambda face, audio, outfile: runner(face, audio, outfile, quiet=True, **options)
 
 

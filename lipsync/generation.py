@@ -187,6 +187,10 @@ class Wav2LipTorch:
         """The prepared generator, once loaded (waiting for it; its loading's error is raised here)."""
         return self._loading.result()
 
+    def ready(self) -> None:
+        """Wait for the weights: a wrong or unsafe file is reported here, before a clip's own work."""
+        self._loading.result()
+
     def __call__(self, faces: np.ndarray, mels: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops + (n, 1, 80, 16) mel windows → (n, S, S, 3) uint8 generated faces."""
         return self.scaled(faces, mels).astype(np.uint8)

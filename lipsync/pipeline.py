@@ -133,7 +133,7 @@ class LipSync:
             print(f"Using {self.device} for inference{how}." + (f" Note: {note}." if note else ""), file=sys.stderr)
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        forward = self._forward(model, quiet)
+        self._forward_pass = forward = self._forward(model, quiet)
         self.enhance = load_enhance(model, self.device, self.dtype, generator_workers(self.device)[1], quiet)
         self.generator = Generator(
             Enhanced(forward.scaled, self.enhance) if self.enhance else forward, self.device, quiet,
@@ -142,6 +142,11 @@ class LipSync:
         factory = (lambda _max_side: detector) if detector is not None else self._s3fd_factory(model, quiet)
         detector_file = model.detector_onnx_path or detector_weights(model.detector_path)
         self.face_boxes = FaceBoxes(factory, Path(detector_file), model.cache_dir, quiet, PRECISION_NAMES[self.dtype])
+
+    def ready(self) -> None:
+        """Wait for the generator's weights, which load on a thread of their own from `__init__` on: a wrong
+        or unsafe checkpoint raises here, once, before any clip's detection or a caller's per-clip work."""
+        getattr(self._forward_pass, "ready", lambda: None)()
 
     def _forward(self, model: ModelOptions, quiet: bool) -> Wav2LipTorch:
         """Wav2Lip's forward pass for the generate stage, in PyTorch or ONNX Runtime."""
@@ -199,6 +204,7 @@ class LipSync:
         check_writable(outfile.parent, "--outfile")
         source = FrameSource(video.probe(face), opts, self.hp.fps)
         speech = audio.load_speech(audio_path, source.fps, self.hp, opts.audio_range)
+        self.ready()  # the weights loaded beside the probe and the speech; their error before detection's
         n_out = speech.n_frames
         boxes = self.face_boxes(source, opts, n_out, on_progress)
 
