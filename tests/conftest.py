@@ -7,6 +7,7 @@ live in tests/data.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,14 @@ from tests.media import FakeDetector, speech, write_video
 from tools.detweights import det_state_dict
 
 REPO = Path(__file__).resolve().parent.parent  # the repository root, where the scripts live
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_analytics() -> Iterator[None]:
+    """Gradio sends no usage analytics from any test (the app's pages, and scripts run as subprocesses)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -24,14 +23,9 @@ import audio
 from hparams import hparams
 from live import webrtc as webrtc_server
 from live.options import LiveOptions
+from tests.ports import free_port
 
 BOX = (20, 110, 30, 120)  # top bottom left right, inside the 160x128 test frames
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:

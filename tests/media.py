@@ -46,14 +46,18 @@ def face_frame(i: int, width: int = 160, height: int = 128, face: bool = True) -
 def write_video(
     path: Path, n_frames: int, fps: int = 25, size: tuple[int, int] = (160, 128), audio: Path | None = None,
     rotation: int = 0, pts: list[int] | None = None, faceless: frozenset[int] = frozenset(),
-    matrix: list[int] | None = None,
+    matrix: list[int] | None = None, keyint: int | None = None, lossless: bool = False,
 ) -> Path:  # fmt: skip
-    """An H.264 video of `face_frame`s, optionally with an AAC track, display rotation or matrix, custom pts."""
+    """An H.264 video of `face_frame`s, optionally with an AAC track, display rotation or matrix, custom pts,
+    a keyframe every `keyint` frames (so a time range has a keyframe to seek to); `lossless`: FFV1 in BGR
+    instead, decoded bit for bit by PyAV and OpenCV alike (the path's suffix names the container: .avi)."""
     width, height = size
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "10", "preset": "ultrafast"}
+    with av.open(str(path), "w", format=None if lossless else "mp4") as out:
+        stream = out.add_stream("ffv1" if lossless else "libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "bgr0" if lossless else "yuv420p"
+        if not lossless:
+            keyframes = {"g": str(keyint), "keyint_min": str(keyint)} if keyint else {}
+            stream.options = {"crf": "10", "preset": "ultrafast"} | keyframes
         if pts is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         if rotation:

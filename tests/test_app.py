@@ -7,7 +7,6 @@ screenshot of each step under their temporary folder.
 
 from __future__ import annotations
 
-import socket
 import types
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import torch
 import inference
 from common.errors import UserError
 from lipsync.options import Options
+from tests.app_page import WAIT, Page, make_app, serve_app
 from tests.chromium import start_chromium
 from tests.media import FakeDetector, read_output, write_video, write_wav
 from tools.detweights import det_state_dict
@@ -30,14 +30,6 @@ from webapp import controls, jobs, page
 
 FRAMES, SECONDS = 15, 0.6  # a 160x128 clip of 0.6 s at 25 fps, and speech as long
 BOX = "20 100 30 120"  # top bottom left right, inside the test frames
-WAIT = 60  # seconds any one step of the page may take on 2 busy cores
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_analytics() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +50,6 @@ def media(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("app workspace")
@@ -74,16 +60,8 @@ def server(media, wav2lip_checkpoint, workspace) -> Iterator[str]:
     """The app on 127.0.0.1 (no share link), stopped when the module's tests are done."""
     demo = page.build_app(str(wav2lip_checkpoint), syncnet_model=str(media["syncnet"]), detector=FakeDetector(),
                          work_dir=workspace)  # fmt: skip
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
-
-
-def make_app(tmp_path: Path) -> jobs.App:
-    return jobs.App(jobs.Models(None, FakeDetector(), None), jobs.Workspace(tmp_path / "workspace"))
+    with serve_app(demo) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- the options and the preview
@@ -198,49 +176,6 @@ def browser(tmp_path) -> Iterator[object]:
         driver.quit()
 
 
-class Page:
-    """The app's page in the browser: named steps, each waiting explicitly, each leaving a screenshot."""
-
-    def __init__(self, driver, url: str, shots: Path) -> None:
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        shots.mkdir(exist_ok=True)
-        self.driver, self.by, self.shots, self.step = driver, By, shots, len(list(shots.iterdir()))
-        self.wait = lambda condition, timeout=WAIT: WebDriverWait(driver, timeout, 0.2).until(condition)
-        driver.get(url)
-        self.wait(lambda d: self.find("#face input[type=file]") and self.find("#audio input[type=file]"))
-
-    def find(self, css: str) -> list:
-        return self.driver.find_elements(self.by.CSS_SELECTOR, css)
-
-    def shot(self, name: str) -> None:
-        self.step += 1
-        self.driver.save_screenshot(str(self.shots / f"{self.step:02d}-{name}.png"))
-
-    def upload(self, component: str, path: Path) -> None:
-        self.find(f"#{component} input[type=file]")[0].send_keys(str(path))
-        self.wait(lambda d: self.find(f"#{component} button[aria-label=Clear]"))  # uploaded: it can be cleared
-
-    def text(self, elem_id: str) -> str:
-        return self.find(f"#{elem_id} textarea")[0].get_attribute("value")
-
-    def click_and_wait_for(self, button: str, elem_id: str, words: str, timeout: float = WAIT) -> str:
-        before = self.text(elem_id)
-        self.find(f"#{button}")[0].click()
-        self.wait(lambda d: self.text(elem_id) != before and words in self.text(elem_id), timeout)
-        return self.text(elem_id)
-
-    def type_checkpoint(self, path: str) -> None:
-        from selenium.webdriver.common.keys import Keys
-
-        box = self.find("#opt-checkpoint_path input")[0]
-        box.click()
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(Keys.BACKSPACE, path, Keys.TAB)
-        self.wait(lambda d: box.get_attribute("value") == path)
-
-
 def test_page_previews_and_generates(server, media, browser, tmp_path):
     page = Page(browser, server, tmp_path / "screenshots")
     page.shot("page")
@@ -290,12 +225,12 @@ def test_page_shows_bad_inputs_and_keeps_serving(server, media, browser, wav2lip
     page = Page(browser, server, tmp_path / "screenshots")
     page.upload("face", media["video"])
     page.upload("audio", media["speech"])
-    page.type_checkpoint("checkpoints/missing.pth")
+    page.type_into("opt-checkpoint_path", "checkpoints/missing.pth")
     status = page.click_and_wait_for("generate", "status", "Error: ")
     page.shot("missing-checkpoint")
     assert status.startswith("Error: checkpoints/missing.pth: file not found") and "--checkpoint_path" in status
 
-    page.type_checkpoint(str(wav2lip_checkpoint))
+    page.type_into("opt-checkpoint_path", str(wav2lip_checkpoint))
     status = page.click_and_wait_for("generate", "status", "frames", timeout=180)
     page.shot("next-request")
     assert status.startswith(f"{FRAMES} frames")  # the app still serves

@@ -14,18 +14,11 @@ import numpy as np
 import pytest
 
 from common import video
+from tests.app_page import WAIT, Page, make_app, serve_app
 from tests.media import FakeDetector, write_video, write_wav
-from tests.test_app import WAIT, Page, free_port, make_app
 from webapp import controls, hq, page
 
 FRAMES, SECONDS = 6, 0.24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_analytics() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +30,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(wav2lip_checkpoint, tmp_path_factory) -> Iterator[str]:
     demo = page.build_app(str(wav2lip_checkpoint), detector=FakeDetector(), work_dir=tmp_path_factory.mktemp("ws"))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve_app(demo) as url:
+        yield url
 
 
 def tinted(image_bgr: np.ndarray, source_bgr: np.ndarray) -> np.ndarray:
@@ -76,16 +65,6 @@ def test_preview_shows_the_mask(media, wav2lip_checkpoint, parser_weights, tmp_p
     assert 0 < tinted(bgr(mouth), source).sum() < face.sum()  # the lower half only: less
 
 
-def type_into(page: Page, elem_id: str, text: str) -> None:
-    from selenium.webdriver.common.keys import Keys
-
-    box = page.find(f"#{elem_id} input")[0]
-    box.click()
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.BACKSPACE, text, Keys.TAB)
-    page.wait(lambda d: box.get_attribute("value") == text)
-
-
 def test_page_hq_controls_preview_and_generate(server, media, esrgan_small, parser_weights, tmp_path):
     from tests.chromium import start_chromium
 
@@ -96,8 +75,8 @@ def test_page_hq_controls_preview_and_generate(server, media, esrgan_small, pars
         page.upload("audio", media["speech"])
         page.find("#hq button")[0].click()  # open the section
         page.wait(lambda d: page.find("#opt-sr_path input") and page.find("#opt-sr_path input")[0].is_displayed())
-        type_into(page, "opt-sr_path", str(esrgan_small))
-        type_into(page, "opt-segmentation_path", str(parser_weights))
+        page.type_into("opt-sr_path", str(esrgan_small))
+        page.type_into("opt-segmentation_path", str(parser_weights))
         page.shot("hq-controls")
 
         line = page.click_and_wait_for("preview-button", "preview-line", "Cyan", timeout=120)

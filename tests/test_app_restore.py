@@ -14,20 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.app_page import WAIT, Page, make_app, serve_app
 from tests.media import FakeDetector, write_video, write_wav
-from tests.test_app import WAIT, Page, free_port, make_app
-from tests.test_app_hq import type_into
 from webapp import controls, page, restore
 
 FRAMES, SECONDS = 6, 0.24
 BOX = "20 100 30 120"  # top bottom left right, around the test frames' face
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_analytics() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +31,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(wav2lip_checkpoint, tmp_path_factory) -> Iterator[str]:
     demo = page.build_app(str(wav2lip_checkpoint), detector=FakeDetector(), work_dir=tmp_path_factory.mktemp("ws"))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve_app(demo) as url:
+        yield url
 
 
 def test_restore_options_are_controls_and_model_options():
@@ -79,15 +67,6 @@ def test_compare_shows_the_frame_before_and_after(media, wav2lip_checkpoint, tmp
     assert line.startswith("Error: ") and "speech" in line, line
 
 
-def choose(page: Page, elem_id: str, option: str) -> None:
-    """Pick `option` of a dropdown as a person does: open it, click the option."""
-    page.find(f"#{elem_id} input")[0].click()
-    item = f'#{elem_id} li[role=option][aria-label="{option}"]'
-    page.wait(lambda d: page.find(item) and page.find(item)[0].is_displayed())
-    page.find(item)[0].click()
-    page.wait(lambda d: page.find(f"#{elem_id} input")[0].get_attribute("value") == option)
-
-
 def test_page_restore_controls_compare_and_generate(server, media, tmp_path):
     from tests.chromium import start_chromium
 
@@ -104,8 +83,8 @@ def test_page_restore_controls_compare_and_generate(server, media, tmp_path):
             "1",
             "0.5",
         )
-        choose(page, "opt-enhancer", "sharpen")
-        type_into(page, "opt-sharpen_amount", "2")
+        page.choose("opt-enhancer", "sharpen")
+        page.type_into("opt-sharpen_amount", "2")
         page.shot("restore-controls")
 
         line = page.click_and_wait_for("compare-button", "compare-line", "after (right)", timeout=120)

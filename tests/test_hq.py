@@ -13,14 +13,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
 import torch
 
-import inference
-from common.errors import UserError, run_cli
+from common.errors import UserError
 from face_detection import Box
 from lipsync import face_masks
 from lipsync import pipeline as lipsync
@@ -28,7 +26,8 @@ from lipsync.face_parsing import ParseCache
 from lipsync.hq_weights import load_bisenet, load_rrdbnet
 from lipsync.options import ModelOptions
 from models.rrdbnet import RRDBNet
-from tests.media import face_frame, write_wav
+from tests.cli import cli
+from tests.media import face_frame, write_video, write_wav
 from tools.detweights import DATA, sr_stand_in
 
 FORK = np.load(DATA / "hq" / "fork_tiny_clip.npz")
@@ -37,24 +36,11 @@ SMALL = dict(num_feat=16, num_block=2, num_grow_ch=8)
 MAX_DIFFERING = 0.005  # of the box's pixels may differ from the fork by one level (the generator's round-off)
 
 
-def write_lossless_video(path: Path, n_frames: int, fps: int) -> Path:
-    """`face_frame`s as FFV1 in BGR: decoded bit for bit by PyAV and by OpenCV alike."""
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("ffv1", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 160, 128, "bgr0"
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(face_frame(i), format="bgr24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """The fork's clip (3 frames at 10 fps, 0.3 s of speech: 3 output frames for both), and a 6-frame speech."""
     d = tmp_path_factory.mktemp("hq clip")
-    return {"video": write_lossless_video(d / "face.avi", 3, 10), "speech": write_wav(d / "speech.wav", 0.3),
+    return {"video": write_video(d / "face.avi", 3, 10, lossless=True), "speech": write_wav(d / "speech.wav", 0.3),
             "long": write_wav(d / "long.wav", 0.6), "dir": d}  # fmt: skip
 
 
@@ -277,10 +263,9 @@ def test_command_line_errors_are_one_line(wav2lip_checkpoint, tiny, tmp_path, ca
         (["--sr_path", wav2lip_checkpoint], "a Wav2Lip checkpoint; --sr_path expects ESRGAN's RRDBNet"),
         (["--segmentation_path", tmp_path / "none.pth"], "file not found.*--segmentation_path"),
     ):
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda e=extra: inference.main([str(a) for a in argv + e]))
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        code, err = cli(argv + extra, capsys)
+        err = err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
         assert re.search(words, err), err
         assert not out.exists()
 
@@ -318,10 +303,9 @@ def test_realtime_refuses_super_resolution_that_cannot_keep_its_budget(wav2lip_c
     argv = ["--checkpoint_path", wav2lip_checkpoint, "--sr_path", esrgan_small, "--face", tiny["video"],
             "--audio", tiny["speech"], "--outfile", tiny["dir"] / "rt.mp4", "--box", *TINY_BOX,
             "--latency_budget_ms", "1"]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: realtime.main([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and re.search(r"super-resolution ×4: one frame takes \d+ ms on cpu", err[-1])
+    code, err = cli(argv, capsys, realtime.main)
+    err = err.strip().splitlines()
+    assert code == 2 and re.search(r"super-resolution ×4: one frame takes \d+ ms on cpu", err[-1])
     assert "GPU" in err[-1] and not (tiny["dir"] / "rt.mp4").exists()
 
 

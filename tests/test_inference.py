@@ -14,8 +14,9 @@ import torch
 
 import inference
 import lipsync
-from common.errors import UserError, run_cli
+from common.errors import UserError
 from lipsync.options import ModelOptions
+from tests.cli import cli
 from tests.media import FakeDetector, read_output, write_empty_video, write_video, write_wav
 from tools.detweights import det_state_dict
 
@@ -42,13 +43,6 @@ def media(tmp_path_factory) -> dict[str, Path]:
         "empty_video": write_empty_video(d / "empty.avi"),
         "empty_wav": empty_wav,
     }
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str]:
-    """Run the command line in this process: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: inference.main([str(a) for a in argv]))
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def args(ckpt, face, speech, outfile, *extra) -> list:

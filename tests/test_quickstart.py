@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from lipsync import face_boxes
 from lipsync.options import ModelOptions, Options
 from lipsync.pipeline import LipSync
 from tests.media import FakeDetector, write_video, write_wav
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -229,12 +229,6 @@ def test_the_app_names_its_own_share_flag(tmp_path):
             app.wait(timeout=60)
         except subprocess.TimeoutExpired:
             app.kill()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_summary_says_when_the_browser_tests_did_not_run(tmp_path):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import audio
-import inference
 from common import time_ranges, video
-from common.errors import UserError, run_cli
+from common.errors import UserError
 from common.time_ranges import TimeRange, parse_time
 from lipsync.options import ModelOptions
 from lipsync.pipeline import LipSync
-from tests.media import SR, FakeDetector, face_frame, speech
+from tests.cli import cli
+from tests.media import SR, FakeDetector, face_frame, speech, write_video
 
 BOX = ["--box", "20", "100", "30", "120"]  # inside the 160x128 test frames
 
@@ -26,20 +26,6 @@ BOX = ["--box", "20", "100", "30", "120"]  # inside the 160x128 test frames
 def sync(wav2lip_checkpoint) -> LipSync:
     """The deterministic weights on the CPU, with the fake detector (boxes come from --box here anyway)."""
     return LipSync(ModelOptions(checkpoint_path=wav2lip_checkpoint, device="cpu"), detector=FakeDetector(), quiet=True)
-
-
-def write_clip(path: Path, n: int, fps: int = 25, keyint: int = 10) -> Path:
-    """`face_frame`s as H.264 with a keyframe every `keyint` frames (so a range has a keyframe to seek to)."""
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 160, 128, "yuv420p"
-        stream.options = {"crf": "10", "preset": "ultrafast", "g": str(keyint), "keyint_min": str(keyint)}
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(face_frame(i), format="bgr24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
 
 
 def cut_clip(source: Path, path: Path, start: str, end: str) -> Path:
@@ -65,7 +51,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ranges")
     talk = np.concatenate([speech(1.0), 0.5 * speech(1.5)[::-1]])
     audio.save_wav(talk, d / "talk.wav", SR)
-    clip = write_clip(d / "clip.mp4", 75)  # 3 s
+    clip = write_video(d / "clip.mp4", 75, keyint=10)  # 3 s
     return {"dir": d, "clip": clip, "talk": d / "talk.wav", "image": d / "face.png"}
 
 
@@ -123,12 +109,6 @@ def test_range_run_equals_the_clip_cut_beforehand(sync, media, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(ranged, beforehand, strict=True))
     with av.open(str(tmp_path / "a.mp4")) as out:
         assert float(out.streams.audio[0].duration * out.streams.audio[0].time_base) == pytest.approx(1.4, abs=0.03)
-
-
-def cli(argv: list, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: inference.main([str(a) for a in argv]))
-    return exit_info.value.code, capsys.readouterr().err
 
 
 BAD_RANGES = {

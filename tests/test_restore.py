@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import inference
-from common.errors import run_cli
 from face_detection import Box
 from lipsync import pipeline as lipsync
 from lipsync import restore
 from lipsync.generation import Generator, batches_in_flight, generator_workers
 from lipsync.options import ModelOptions, Options
 from lipsync.restorers import SIZE, restored_crops, restorer_inputs
+from tests.cli import cli
 from tests.media import write_video, write_wav
 
 
@@ -258,9 +258,8 @@ def test_bad_settings_are_one_line(wav2lip_checkpoint, clip, tmp_path, capsys):
         (["--enhancer", "sharpen", "--fidelity_weight", "1.5"], "--fidelity_weight must be between 0 and 1"),
         (["--enhancer", "sharpen", "--sharpen_amount", "-1"], "--sharpen_amount must be 0 or more"),
     ):  # fmt: skip
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda e=extra: inference.main([str(a) for a in argv + e]))
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        code, err = cli(argv + extra, capsys)
+        err = err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
         assert re.search(words, err), err
         assert not out.exists()

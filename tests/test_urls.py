@@ -19,13 +19,12 @@ import av
 import numpy as np
 import pytest
 
-import inference
 from common import media_urls
-from common.errors import UserError, run_cli
+from common.errors import UserError
 from lipsync.options import ModelOptions
 from lipsync.pipeline import LipSync
+from tests.cli import cli
 from tests.media import FakeDetector, write_video, write_wav
-from tests.test_ranges import write_clip
 
 BOX = (20, 100, 30, 120)  # inside the 160x128 test frames
 
@@ -96,7 +95,7 @@ def serve(folder: Path, **attributes) -> Iterator[tuple[str, list]]:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("served")
-    write_clip(d / "clip.mp4", 75)  # 3 s, a keyframe every 10 frames
+    write_video(d / "clip.mp4", 75, keyint=10)  # 3 s, a keyframe every 10 frames
     write_video(d / "talk.mp4", 10, audio=write_wav(d / "speech.wav", 1.2))
     with (
         av.open(str(d / "clip.mp4")) as src,
@@ -221,9 +220,8 @@ def test_dead_urls_one_line_and_no_output(dead_ends, server, wav2lip_checkpoint,
             face, speech = (url, f"{server[0]}/speech.wav") if flag == "--face" else (f"{server[0]}/clip.mp4", url)
             argv = ["--checkpoint_path", wav2lip_checkpoint, "--face", face, "--audio", speech, "--outfile", out,
                     "--quiet", "--box", *BOX]  # fmt: skip
-            with pytest.raises(SystemExit) as exit_info:
-                run_cli(lambda: inference.main([str(a) for a in argv]))  # noqa: B023
-            lines = capsys.readouterr().err.strip().splitlines()
-            assert exit_info.value.code == 2 and len(lines) == 1, (url, flag, lines)
+            code, err = cli(argv, capsys)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1, (url, flag, lines)
             assert url in lines[0] and words in lines[0], (url, flag, lines)
             assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
