@@ -72,12 +72,28 @@ def select_dtype(precision: str, device: torch.device, insist: bool = False) -> 
     return torch.bfloat16, None
 
 
-def prepare_network(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def prepare_network(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, keep_float32: Sequence[nn.Module] = ()
+) -> nn.Module:
     """`model` for inference on `device` in `dtype`: eval mode, no gradients, and on a CPU in channels-last
     (NHWC), oneDNN's fast layout for convolutions in every precision. One copy of the weights: cast and
-    laid out together (two steps cost twice the first touches of fresh memory, ~0.3 CPU-s for the generator)."""
+    laid out together (two steps cost twice the first touches of fresh memory, ~0.3 CPU-s for the generator).
+
+    Below float32, the layers of `keep_float32` (modules of `model`) keep their float32 weights exactly:
+    copied before the cast and put back after it (cast back from bf16 they would be rounded to 8 bits);
+    they compute in float32 when fed through `in_dtype_of`."""
+    keep = list(keep_float32) if dtype != torch.float32 else []
+    exact = [clone_state(layer) for layer in keep]
     layout = torch.channels_last if device.type == "cpu" else torch.preserve_format
-    return model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
+    for layer, weights in zip(keep, exact, strict=True):  # `.to` converts in place: the same modules
+        layer.float().load_state_dict(weights)
+    return model
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s state that its later casts do not touch."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def in_dtype_of(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from audio import mel_windows
-from common.devices import BatchLimit, in_chunks, prepare_network
+from common.devices import BatchLimit, in_chunks, in_dtype_of, prepare_network
 from common.errors import UserError
 from common.weight_cache import load_prepared
 from common.weights import load_model, missing_file_message, skeleton
@@ -40,7 +40,7 @@ CPU_BATCH_SIZE = 16  # on a CPU, smaller activation buffers are faster (cache, p
 CPU_FINE_CHUNK = 4  # frames at a time through the generator's finest stages on a CPU (cache-sized)
 CPU_WORKERS_MAX = 4  # generator batches run side by side on a CPU, each on its share of the cores
 PREPARED = (
-    "wav2lip-{dtype}-v1"  # the weight cache's tag of the prepared generator: bump when `prepare_generator` changes
+    "wav2lip-{dtype}-v2"  # the weight cache's tag of the prepared generator: bump when `prepare_generator` changes
 )
 BATCHES_BESIDE_WORKERS = 3  # in flight besides the workers': being cropped, queued, being pasted and encoded
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (n, S, S, 3) uint8 crops, (n, 1, 80, 16) mels → faces
@@ -96,32 +96,32 @@ def to_uint8(pred: torch.Tensor) -> np.ndarray:
     return to_scaled(pred).astype(np.uint8)
 
 
-class Float32Conv(nn.Conv2d):
-    """A convolution that computes in float32 whatever its input's dtype."""
+class OwnDtypeConv(nn.Conv2d):
+    """A convolution that computes in its weights' dtype whatever its input's (`in_dtype_of`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float())
+        return super().forward(in_dtype_of(x, self))
 
 
-def float32_tail(model: Wav2Lip) -> Wav2Lip:
-    """The output block's last 1x1 convolution (32 to 3 channels) and its sigmoid in float32, below float32.
+def prepare_generator(model: Wav2Lip, device: torch.device, dtype: torch.dtype) -> Wav2Lip:
+    """The generator as it runs: BatchNorm folded into the convolutions, in `dtype` (channels-last on a
+    CPU); below float32, its output block's last 1x1 convolution (32 to 3 channels) and sigmoid in float32,
+    with the checkpoint's float32 weights exactly (`prepare_network`'s `keep_float32`).
 
     They make the pixels: in bf16 the sigmoid's input carries 8 bits of mantissa, and rounding it there moved
     the 96x96 faces by 0.7 dB PSNR against fp32 on the real clips (README, "Precision"), for 0.1 % of the FLOPs.
     Works on the meta device too (the weight cache's skeleton); the state dict's keys stay the checkpoint's.
     """
-    conv = model.output_block[1]
-    tail = Float32Conv(conv.in_channels, conv.out_channels, conv.kernel_size, device=conv.weight.device)
-    tail.load_state_dict({k: v.float() for k, v in conv.state_dict().items()}, assign=True)
-    model.output_block[1] = tail.requires_grad_(False)
-    return model
+    model = fold_batchnorm(model)
+    return prepare_network(model, device, dtype, keep_float32=[own_dtype_tail(model)])
 
 
-def prepare_generator(model: Wav2Lip, device: torch.device, dtype: torch.dtype) -> Wav2Lip:
-    """The generator as it runs: BatchNorm folded into the convolutions, in `dtype` (channels-last on a
-    CPU), its last convolution in float32 below float32 (`float32_tail`)."""
-    model = prepare_network(fold_batchnorm(model), device, dtype)
-    return float32_tail(model) if dtype != torch.float32 else model
+def own_dtype_tail(model: Wav2Lip) -> OwnDtypeConv:
+    """The output block's last convolution, made an `OwnDtypeConv`: the same layer, weights and state dict
+    keys, fed through `in_dtype_of` (a no-op in float32)."""
+    tail = model.output_block[1]
+    tail.__class__ = OwnDtypeConv
+    return tail
 
 
 def prepared_skeleton(dtype: torch.dtype) -> Wav2Lip:
@@ -136,8 +136,7 @@ def prepared_skeleton(dtype: torch.dtype) -> Wav2Lip:
         if isinstance(block, Conv2d | Conv2dTranspose) and isinstance(block.conv_block[1], nn.BatchNorm2d):
             block.conv_block[1] = nn.Identity()
             block.act.inplace = True
-    model = prepare_network(model, torch.device("meta"), dtype)
-    return float32_tail(model) if dtype != torch.float32 else model
+    return prepare_network(model, torch.device("meta"), dtype, keep_float32=[own_dtype_tail(model)])
 
 
 def load_generator(checkpoint_path: str | os.PathLike, device: torch.device, dtype: torch.dtype,
@@ -165,9 +164,9 @@ def in_background(fn: Callable[..., object], *args: object) -> Future:
 class Wav2LipTorch:
     """Wav2Lip's forward pass in PyTorch, loaded once on a device (`prepare_generator`), for any number of clips.
 
-    The weights load on a thread of their own while the run probes the video, reads the speech and decodes
-    its first batches: the first forward pass waits for them (`model`), and a file that is not a Wav2Lip
-    checkpoint is reported then; a missing file is reported at once.
+    The weights load on a thread of their own while the run probes the video and reads the speech; `ready`
+    (the pipeline calls it before detection) and the first forward pass wait for them, and a file that is not
+    a Wav2Lip checkpoint is reported there; a missing file is reported at once.
     """
 
     def __init__(

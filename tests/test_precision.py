@@ -57,8 +57,8 @@ def test_generated_faces_in_bf16_stay_within_the_bound(wav2lip_checkpoint, tmp_p
     """The 96x96 faces before truncation (float, what ESRGAN reads) and after (uint8, what is pasted).
 
     Measured: 60.7 dB float, 55.6 dB uint8 here; 55.1-55.4 dB uint8 on the real clips. With the last
-    convolution and sigmoid in bf16 (no `float32_tail`) the floats fall to 57.5 dB; with BatchNorm folded
-    after the cast instead of before, to 55.9 dB: both below 59.
+    convolution and sigmoid in bf16 (no float32 tail in `prepare_generator`) the floats fall to 57.5 dB;
+    with BatchNorm folded after the cast instead of before, to 55.9 dB: both below 59.
     """
     faces = textured_frames(8, 96, 96)
     mels = audio.mel_windows(audio.melspectrogram(speech(1.0)), range(0, 64, 8)).astype(np.float32)

@@ -125,8 +125,4 @@ def prepare_s3fd(net: s3fd, device: str | torch.device, dtype: torch.dtype = tor
     L2 scales and the heads to 8 bits)."""
     if dtype == torch.float32:
         return net.to(device).eval().requires_grad_(False)
-    exact = [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in float32_parts(net)]
-    net = prepare_network(net, torch.device(device), dtype)
-    for layer, weights in zip(float32_parts(net), exact, strict=True):
-        layer.float().load_state_dict(weights)
-    return net
+    return prepare_network(net, torch.device(device), dtype, keep_float32=float32_parts(net))
