@@ -92,8 +92,20 @@ def split_options(values: dict[str, object]) -> tuple[dict, dict]:
     return model, parsed | {"quiet": True}
 
 
+def checkpoint_files(*hints: str) -> list[str]:
+    """The `.pth` files in checkpoints/, those whose name holds one of `hints` first, as paths the app's
+    working directory reads (relative under it, else absolute)."""
+    found = sorted(CHECKPOINT_DIR.glob("*.pth"), key=lambda p: (not any(h in p.name.lower() for h in hints), p.name))
+    return [os.path.relpath(p, Path.cwd()) if p.is_relative_to(Path.cwd()) else str(p) for p in found]
+
+
 def checkpoint_choices(default: str | None) -> list[str]:
     """The `.pth` files in checkpoints/ (Wav2Lip's first), with the command line's choice at the top."""
-    found = sorted(CHECKPOINT_DIR.glob("*.pth"), key=lambda p: ("wav2lip" not in p.name, p.name))
-    paths = [os.path.relpath(p, Path.cwd()) if p.is_relative_to(Path.cwd()) else str(p) for p in found]
-    return ([default] if default else []) + [p for p in paths if p != default]
+    return ([default] if default else []) + [p for p in checkpoint_files("wav2lip") if p != default]
+
+
+def weight_file_control(f: dataclasses.Field, empty_means: str, *hints: str) -> gr.Dropdown:
+    """A weight file of an optional network: empty (`empty_means`), picked from checkpoints/ (the files named
+    after `hints` first), or any path typed in."""
+    return gr.Dropdown(["", *checkpoint_files(*hints)], value="", allow_custom_value=True, label=f.name,
+                       info=f"{f.metadata['help']}; empty: {empty_means}", elem_id=f"opt-{f.name}")  # fmt: skip

@@ -8,39 +8,24 @@ inputs like every other option.
 
 from __future__ import annotations
 
-import dataclasses
-
 import gradio as gr
 import numpy as np
 
 from face_detection import Box
 from lipsync.face_masks import mask_preview
 from lipsync.options import Options
-from webapp.controls import CHECKPOINT_DIR, control, page_fields
+from webapp.controls import control, page_fields, weight_file_control
 
 HQ_MODEL_FIELDS = ("sr_path", "segmentation_path")  # weight files: loaded once per (checkpoint, files) pair
 HQ_FIELDS = (*HQ_MODEL_FIELDS, "hq_mode", "mask_region")  # shown here, not among the Advanced options
 WEIGHT_HINTS = {"sr_path": "esrgan", "segmentation_path": "segment"}  # a file of checkpoints/ offered first
 
 
-def weight_choices(field: str) -> list[str]:
-    """'' (off) and the `.pth` files of checkpoints/, the likely one for `field` first."""
-    hint = WEIGHT_HINTS[field]
-    found = sorted(CHECKPOINT_DIR.glob("*.pth"), key=lambda p: (hint not in p.name.lower(), p.name))
-    return ["", *(f"checkpoints/{p.name}" for p in found)]
-
-
-def weight_control(f: dataclasses.Field) -> gr.Dropdown:
-    """A weight file: empty (off), picked from checkpoints/, or any path typed in."""
-    return gr.Dropdown(weight_choices(f.name), value="", allow_custom_value=True, label=f.name,
-                       info=f.metadata["help"] + "; empty: off", elem_id=f"opt-{f.name}")  # fmt: skip
-
-
 def hq_controls() -> dict[str, gr.components.Component]:
     """The four controls, keyed by option name: the two files on one row, the two choices below."""
     fields = page_fields()
     with gr.Row():
-        controls = {name: weight_control(fields[name][0]) for name in HQ_MODEL_FIELDS}
+        controls = {name: weight_file_control(fields[name][0], "off", WEIGHT_HINTS[name]) for name in HQ_MODEL_FIELDS}
     with gr.Row():
         controls |= {name: control(*fields[name]) for name in HQ_FIELDS if name not in HQ_MODEL_FIELDS}
     return controls

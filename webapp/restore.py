@@ -22,18 +22,11 @@ from lipsync.crops import crop_faces, feather_mask
 from lipsync.enhance import Enhance
 from lipsync.options import Options
 from lipsync.restore import RestoreStep, restore_window
-from webapp.controls import CHECKPOINT_DIR, control, page_fields
+from webapp.controls import control, page_fields, weight_file_control
 
 RESTORE_MODEL_FIELDS = ("enhancer", "enhancer_path")  # loaded once per (checkpoint, enhancer, file)
 RESTORE_FIELDS = (*RESTORE_MODEL_FIELDS, "fidelity_weight", "sharpen_amount")  # shown here, not in Advanced
 SHOWN_HEIGHT = 320  # the before/after picture is enlarged to at least this height, so a small face shows
-
-
-def weight_choices() -> list[str]:
-    """'' (the default file of the chosen enhancer) and the `.pth` files of checkpoints/, restorers first."""
-    restorer_first = lambda p: (not any(k in p.name.lower() for k in ("gfpgan", "codeformer")), p.name)  # noqa: E731
-    found = sorted(CHECKPOINT_DIR.glob("*.pth"), key=restorer_first)
-    return ["", *(f"checkpoints/{p.name}" for p in found)]
 
 
 def restore_controls() -> dict[str, gr.components.Component]:
@@ -42,9 +35,7 @@ def restore_controls() -> dict[str, gr.components.Component]:
     f = fields["enhancer_path"][0]
     with gr.Row():
         controls = {"enhancer": control(*fields["enhancer"])}
-        controls["enhancer_path"] = gr.Dropdown(
-            weight_choices(), value="", allow_custom_value=True, label=f.name, elem_id=f"opt-{f.name}",
-            info=f.metadata["help"] + "; empty: that default")  # fmt: skip
+        controls["enhancer_path"] = weight_file_control(f, "that default", "gfpgan", "codeformer")
     with gr.Row():
         f = fields["fidelity_weight"][0]
         controls["fidelity_weight"] = gr.Slider(0, 1, value=f.default, step=0.05, label=f.name, elem_id=f"opt-{f.name}",
